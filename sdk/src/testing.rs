@@ -32,6 +32,18 @@ pub fn forwarded(outcome: Outcome) -> Message {
     }
 }
 
+/// Returns the reason of a dropped message.
+///
+/// # Panics
+///
+/// Panics with the outcome when it is not [`Outcome::Drop`].
+pub fn dropped(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Drop(reason) => reason,
+        other => panic!("expected a dropped message, got {other:?}"),
+    }
+}
+
 /// Parses the payload of `msg` as JSON.
 ///
 /// # Panics

@@ -1,9 +1,145 @@
+//! Eliot plugin that rejects telemetry payloads that do not have the expected
+//! format.
+//!
+//! A valid payload is a UTF-8 JSON object with a non-empty string
+//! `device_id`, an RFC 3339 `timestamp`, a non-empty string `sensor_type` and
+//! an object `data`. Valid messages pass unchanged. Any other message fails
+//! with an invalid-message error, so the host stores it as a dead letter with
+//! the reason.
+
+mod config;
+
+#[cfg(test)]
+mod tests;
+
 use eliot_sdk::{Message, Outcome, PluginError, Processor};
-struct V;
-impl Processor for V {
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::config::Config;
+
+/// Maximum number of characters of an offending value quoted in a reason.
+const MAX_QUOTED_CHARS: usize = 64;
+
+/// The validate-format processor.
+#[derive(Debug)]
+pub struct ValidateFormat {
+    config: Config,
+}
+
+impl Processor for ValidateFormat {
     const NAME: &'static str = "validate-format";
     const VERSION: &'static str = "0.1.0";
-    fn new(_c: serde_json::Value) -> Result<Self, String> { Ok(V) }
-    fn process(&mut self, m: Message) -> Result<Outcome, PluginError> { Ok(Outcome::Forward(m)) }
+
+    fn new(config: Value) -> Result<Self, String> {
+        Ok(Self { config: Config::from_json(config)? })
+    }
+
+    fn process(&mut self, msg: Message) -> Result<Outcome, PluginError> {
+        self.check(&msg.payload).map_err(PluginError::invalid)?;
+        Ok(Outcome::Forward(msg))
+    }
 }
-eliot_sdk::export_processor!(V);
+
+impl ValidateFormat {
+    /// Checks `payload` and returns the first problem found. The checks run
+    /// in a fixed order (size, JSON, `device_id`, `timestamp`, `sensor_type`,
+    /// `data`), so one payload always gets the same reason.
+    fn check(&self, payload: &[u8]) -> Result<(), String> {
+        let max = self.config.max_payload_bytes;
+        if payload.len() as u64 > max {
+            return Err(format!("payload is {} bytes, more than max_payload_bytes ({max})", payload.len()));
+        }
+
+        let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not valid UTF-8: {e}"))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| format!("payload is not valid JSON: {e}"))?;
+        let Value::Object(fields) = value else {
+            return Err(format!("payload must be a JSON object, got {}", describe(&value)));
+        };
+
+        non_empty_string(&fields, "device_id")?;
+
+        let timestamp = string(&fields, "timestamp")?;
+        if parse_rfc3339(timestamp).is_none() {
+            return Err(format!(
+                "field \"timestamp\" is not an RFC 3339 date-time: {}",
+                quote(&Value::from(timestamp))
+            ));
+        }
+
+        let sensor_type = non_empty_string(&fields, "sensor_type")?;
+        if let Some(allowed) = &self.config.allowed_sensor_types {
+            if !allowed.iter().any(|t| t == sensor_type) {
+                let allowed: Vec<String> = allowed.iter().map(|t| format!("{t:?}")).collect();
+                return Err(format!(
+                    "field \"sensor_type\" must be one of {} (allowed_sensor_types), got {}",
+                    allowed.join(", "),
+                    quote(&Value::from(sensor_type))
+                ));
+            }
+        }
+
+        match required(&fields, "data")? {
+            Value::Object(_) => Ok(()),
+            other => Err(format!("field \"data\" must be a JSON object, got {}", describe(other))),
+        }
+    }
+}
+
+/// Parses an RFC 3339 date-time. The separator between date and time must be
+/// `T`, `t` or a space (RFC 3339 section 5.6 allows the last), because time
+/// 0.3 accepts any byte there.
+fn parse_rfc3339(text: &str) -> Option<OffsetDateTime> {
+    if !matches!(text.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
+        return None;
+    }
+    OffsetDateTime::parse(text, &Rfc3339).ok()
+}
+
+fn required<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a Value, String> {
+    fields.get(name).ok_or_else(|| format!("missing field {name:?}"))
+}
+
+fn string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
+    match required(fields, name)? {
+        Value::String(s) => Ok(s),
+        other => Err(format!("field {name:?} must be a string, got {}", describe(other))),
+    }
+}
+
+fn non_empty_string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
+    let value = string(fields, name)?;
+    if value.is_empty() {
+        return Err(format!("field {name:?} must not be empty"));
+    }
+    Ok(value)
+}
+
+/// Describes a JSON value by its type and, unless it is null, its text, for
+/// example `a number: 42` or `an array: [1,2]`.
+fn describe(value: &Value) -> String {
+    let kind = match value {
+        Value::Null => return "null".to_owned(),
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    format!("{kind}: {}", quote(value))
+}
+
+/// Returns `value` as compact JSON, cut to [`MAX_QUOTED_CHARS`] characters
+/// with `...` appended when longer, so that a huge value cannot flood the
+/// dead-letter store.
+fn quote(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
+eliot_sdk::export_processor!(ValidateFormat);

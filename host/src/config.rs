@@ -1,0 +1,485 @@
+//! The TOML configuration: its schema, loading and validation.
+//!
+//! Every error names the file, the key path and what is expected, because the
+//! person reading it has the file open and nothing else.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::topic::{self, TopicFilter};
+
+/// A problem with the configuration, tied to one key of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted key path, for example `pipelines.telemetry.stages`.
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: key `{}`: {}; {}", self.file.display(), self.key, self.problem, self.fix)
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.0.len();
+        write!(f, "invalid configuration ({count} problem{}):", if count == 1 { "" } else { "s" })?;
+        for error in &self.0 {
+            write!(f, "\n  {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The configuration file as written, before paths are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mqtt: MqttConfig,
+    #[serde(default)]
+    embedded_broker: EmbeddedBrokerConfig,
+    #[serde(default)]
+    runtime: RawRuntimeConfig,
+    dead_letters: RawDeadLetterConfig,
+    #[serde(default)]
+    plugins: BTreeMap<String, RawPluginConfig>,
+    pipelines: BTreeMap<String, RawPipelineConfig>,
+    #[serde(default)]
+    sinks: BTreeMap<String, RawSinkConfig>,
+}
+
+/// The broker connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `"embedded"`, or `host:port` of an external broker.
+    pub broker: String,
+    pub client_id: String,
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    /// Largest packet the client accepts or sends, in bytes.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+}
+
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+
+fn default_max_packet_bytes() -> usize {
+    1024 * 1024
+}
+
+/// The broker that Eliot can run inside its own process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Loopback address to listen on; port 0 picks a free port.
+    #[serde(default = "default_embedded_listen")]
+    pub listen: String,
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self { listen: default_embedded_listen() }
+    }
+}
+
+fn default_embedded_listen() -> String {
+    "127.0.0.1:0".to_owned()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntimeConfig {
+    plugin_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadLetterConfig {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPluginConfig {
+    file: PathBuf,
+    #[serde(default)]
+    config: toml::Table,
+    #[serde(default)]
+    limits: PluginLimits,
+}
+
+/// Sandbox limits of one plugin instance.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Maximum linear memory of one instance, in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Time one call may take before it is interrupted, in milliseconds.
+    #[serde(default = "default_call_budget_ms")]
+    pub call_budget_ms: u64,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self { memory_mib: default_memory_mib(), call_budget_ms: default_call_budget_ms() }
+    }
+}
+
+fn default_memory_mib() -> u64 {
+    64
+}
+
+fn default_call_budget_ms() -> u64 {
+    100
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipelineConfig {
+    topics: Vec<String>,
+    #[serde(default = "default_qos")]
+    qos: u8,
+    #[serde(default = "default_workers")]
+    workers: usize,
+    stages: Vec<String>,
+    sinks: Vec<String>,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+fn default_workers() -> usize {
+    2
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawSinkConfig {
+    File { path: PathBuf },
+    Mqtt {
+        topic: String,
+        #[serde(default = "default_qos")]
+        qos: u8,
+        #[serde(default)]
+        retain: bool,
+    },
+}
+
+/// A validated configuration with every path resolved against the folder of
+/// the file it came from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub mqtt: MqttConfig,
+    pub embedded_broker: EmbeddedBrokerConfig,
+    pub plugin_dir: PathBuf,
+    /// Folder of wasmtime's compiled-component cache.
+    pub cache_dir: PathBuf,
+    pub dead_letter_path: PathBuf,
+    pub plugins: BTreeMap<String, PluginConfig>,
+    pub pipelines: BTreeMap<String, PipelineConfig>,
+    pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+/// One plugin: its component file and the config table it is given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// The plugin's own table, passed to its `init` as a JSON object.
+    pub config: serde_json::Value,
+    pub limits: PluginLimits,
+}
+
+/// One pipeline: what it subscribes to, its stages in order and its sinks.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub name: String,
+    pub topics: Vec<TopicFilter>,
+    pub qos: rumqttc::QoS,
+    pub workers: usize,
+    pub stages: Vec<String>,
+    pub sinks: Vec<String>,
+}
+
+/// Where a pipeline's results go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkConfig {
+    /// Append one JSON object per line to a file.
+    File { path: PathBuf },
+    /// Publish to the broker on a topic built from a template.
+    Mqtt { topic: crate::sink::TopicTemplate, qos: rumqttc::QoS, retain: bool },
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// Returns every problem found: unreadable file, TOML syntax, unknown or
+    /// missing keys, bad values, references to undefined plugins or sinks,
+    /// plugin files that do not exist.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                key: "(file)".to_owned(),
+                problem: format!("cannot read the file: {e}"),
+                fix: "check the path given with --config".to_owned(),
+            }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates configuration `text` as if it were read from `path`.
+    ///
+    /// # Errors
+    ///
+    /// See [`Config::load`].
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        let raw = parse_raw(path, text).map_err(|e| ConfigErrors(vec![e]))?;
+        // Absolute paths keep log lines unambiguous and are what wasmtime's
+        // cache requires.
+        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let base = std::path::absolute(&base).unwrap_or(base);
+        Validator { file: path, base: &base, errors: Vec::new() }.validate(raw)
+    }
+}
+
+fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        key: "(syntax)".to_owned(),
+        problem: format!("invalid TOML: {}", one_line(&e.to_string())),
+        fix: "correct the syntax at the position shown".to_owned(),
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().to_owned();
+        let location = inner
+            .span()
+            .map(|span| format!(" (line {})", line_of(text, span.start)))
+            .unwrap_or_default();
+        let fix = if message.starts_with("unknown field") {
+            "remove the key or correct its spelling".to_owned()
+        } else if message.starts_with("missing field") {
+            "add the key".to_owned()
+        } else {
+            "correct the value".to_owned()
+        };
+        ConfigError { file: path.to_owned(), key, problem: format!("{message}{location}"), fix }
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Collects every problem of one file instead of stopping at the first.
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn qos(&mut self, key: String, value: u8) -> rumqttc::QoS {
+        match value {
+            0 => rumqttc::QoS::AtMostOnce,
+            1 => rumqttc::QoS::AtLeastOnce,
+            2 => rumqttc::QoS::ExactlyOnce,
+            other => {
+                self.error(key, format!("QoS {other} does not exist"), "use 0, 1 or 2");
+                rumqttc::QoS::AtMostOnce
+            }
+        }
+    }
+
+    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+        // First pass: values that stand alone.
+        if raw.mqtt.broker != "embedded" && crate::broker::parse_address(&raw.mqtt.broker).is_none() {
+            self.error(
+                "mqtt.broker",
+                format!("\"{}\" is neither \"embedded\" nor a host:port address", raw.mqtt.broker),
+                "write broker = \"embedded\" or broker = \"HOST:PORT\", for example \"127.0.0.1:1883\"",
+            );
+        }
+        if raw.mqtt.client_id.is_empty() {
+            self.error("mqtt.client_id", "the client id is empty", "set a client id unique on the broker");
+        }
+        if raw.mqtt.keep_alive_secs < 5 {
+            self.error(
+                "mqtt.keep_alive_secs",
+                format!("{} is below rumqttc's minimum of 5 seconds", raw.mqtt.keep_alive_secs),
+                "use a value of 5 or more",
+            );
+        }
+        if raw.embedded_broker.listen.parse::<std::net::SocketAddr>().is_err() {
+            self.error(
+                "embedded_broker.listen",
+                format!("\"{}\" is not an IP:port address", raw.embedded_broker.listen),
+                "write it as \"127.0.0.1:1883\", or port 0 for a free port",
+            );
+        }
+
+        let plugin_dir = self.resolve(raw.runtime.plugin_dir.as_deref().unwrap_or(Path::new("plugins")));
+        let cache_dir = self.resolve(raw.runtime.cache_dir.as_deref().unwrap_or(Path::new("../target/eliot-cache")));
+        let dead_letter_path = self.resolve(&raw.dead_letters.path);
+
+        let mut plugins = BTreeMap::new();
+        for (name, plugin) in raw.plugins {
+            let path = if plugin.file.is_absolute() { plugin.file.clone() } else { plugin_dir.join(&plugin.file) };
+            if !path.is_file() {
+                self.error(
+                    format!("plugins.{name}.file"),
+                    format!("plugin file {} not found", path.display()),
+                    "build the plugin (eliot plugin build) or correct the file name; \
+                     relative names are looked up in runtime.plugin_dir",
+                );
+            }
+            if plugin.limits.memory_mib == 0 || plugin.limits.call_budget_ms == 0 {
+                self.error(
+                    format!("plugins.{name}.limits"),
+                    "memory_mib and call_budget_ms must be greater than 0",
+                    "raise the limit or remove it to take the default",
+                );
+            }
+            let config = serde_json::to_value(&plugin.config).unwrap_or_else(|_| serde_json::json!({}));
+            plugins.insert(name.clone(), PluginConfig { name, path, config, limits: plugin.limits });
+        }
+
+        let mut sinks = BTreeMap::new();
+        for (name, sink) in raw.sinks {
+            let sink = match sink {
+                RawSinkConfig::File { path } => SinkConfig::File { path: self.resolve(&path) },
+                RawSinkConfig::Mqtt { topic, qos, retain } => {
+                    let qos = self.qos(format!("sinks.{name}.qos"), qos);
+                    match crate::sink::TopicTemplate::parse(&topic) {
+                        Ok(topic) => SinkConfig::Mqtt { topic, qos, retain },
+                        Err(problem) => {
+                            self.error(
+                                format!("sinks.{name}.topic"),
+                                problem,
+                                "use the placeholders {pipeline}, {topic}, {payload.FIELD} or {header.NAME}",
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            sinks.insert(name, sink);
+        }
+
+        // Second pass: references between sections.
+        if raw.pipelines.is_empty() {
+            self.error("pipelines", "no pipeline is defined", "add a [pipelines.NAME] table");
+        }
+        let mut pipelines = BTreeMap::new();
+        for (name, pipeline) in raw.pipelines {
+            let mut topics = Vec::new();
+            if pipeline.topics.is_empty() {
+                self.error(format!("pipelines.{name}.topics"), "the list is empty", "add at least one topic filter");
+            }
+            for filter in &pipeline.topics {
+                match topic::TopicFilter::parse(filter) {
+                    Ok(parsed) => topics.push(parsed),
+                    Err(problem) => self.error(
+                        format!("pipelines.{name}.topics"),
+                        format!("invalid topic filter \"{filter}\": {problem}"),
+                        "use + for one whole level and # only as the last level, for example \"devices/+/telemetry\" or \"devices/#\"",
+                    ),
+                }
+            }
+            let qos = self.qos(format!("pipelines.{name}.qos"), pipeline.qos);
+            if pipeline.workers == 0 {
+                self.error(format!("pipelines.{name}.workers"), "0 workers cannot process anything", "use 1 or more");
+            }
+            for stage in &pipeline.stages {
+                if !plugins.contains_key(stage) {
+                    self.error(
+                        format!("pipelines.{name}.stages"),
+                        format!("stage \"{stage}\" names no plugin"),
+                        format!("define [plugins.{stage}] or remove it from the list"),
+                    );
+                }
+            }
+            if pipeline.sinks.is_empty() {
+                self.error(format!("pipelines.{name}.sinks"), "the list is empty", "add at least one sink");
+            }
+            for sink in &pipeline.sinks {
+                if !sinks.contains_key(sink) {
+                    self.error(
+                        format!("pipelines.{name}.sinks"),
+                        format!("sink \"{sink}\" is not defined"),
+                        format!("define [sinks.{sink}] or remove it from the list"),
+                    );
+                }
+            }
+            pipelines.insert(
+                name.clone(),
+                PipelineConfig {
+                    name,
+                    topics,
+                    qos,
+                    workers: pipeline.workers,
+                    stages: pipeline.stages,
+                    sinks: pipeline.sinks,
+                },
+            );
+        }
+
+        if !self.errors.is_empty() {
+            return Err(ConfigErrors(self.errors));
+        }
+        Ok(Config {
+            file: self.file.to_owned(),
+            mqtt: raw.mqtt,
+            embedded_broker: raw.embedded_broker,
+            plugin_dir,
+            cache_dir,
+            dead_letter_path,
+            plugins,
+            pipelines,
+            sinks,
+        })
+    }
+}

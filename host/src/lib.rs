@@ -1,0 +1,39 @@
+//! Eliot: an IoT ingestion host. MQTT in, a chain of sandboxed WebAssembly
+//! component plugins in the order the TOML sets, sinks out.
+//!
+//! The binary (`src/main.rs`) is a thin command line over this library;
+//! integration tests drive the same [`host::Host`].
+
+pub mod ack;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod deadletter;
+pub mod host;
+pub mod pipeline;
+pub mod plugin_build;
+pub mod simulate;
+pub mod sink;
+pub mod source;
+pub mod stats;
+pub mod topic;
+pub mod wasm;
+
+/// The log filter used unless `RUST_LOG` is set. rumqttd logs an ERROR line
+/// on every client disconnect, which is routine for a broker; its own log is
+/// off unless asked for.
+pub const DEFAULT_LOG_FILTER: &str = "info,rumqttd=off";
+
+/// Installs the tracing subscriber: `RUST_LOG` if set, otherwise
+/// [`DEFAULT_LOG_FILTER`]. The embedded broker stays silent unless
+/// `RUST_LOG` names `rumqttd`. A second call does nothing.
+pub fn init_logging() {
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(value) if value.contains("rumqttd") => value,
+        Ok(value) => format!("{value},rumqttd=off"),
+        Err(_) => DEFAULT_LOG_FILTER.to_owned(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

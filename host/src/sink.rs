@@ -1,0 +1,261 @@
+//! Sinks: where a pipeline's results go. A JSON-lines file and an MQTT
+//! republish on a topic built from a template.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use crate::wasm::Message;
+
+/// A topic built from placeholders, for the MQTT republish sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<TemplatePart>,
+    text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    Pipeline,
+    Topic,
+    PayloadField(String),
+    Header(String),
+}
+
+impl TopicTemplate {
+    /// Parses a template such as `processed/{payload.device_id}`.
+    ///
+    /// # Errors
+    ///
+    /// Returns what is wrong: an unclosed brace, an unknown placeholder, or a
+    /// wildcard, which a topic to publish on must not contain.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| format!("unclosed \"{{\" in \"{text}\""))? + open;
+            let name = &rest[open + 1..close];
+            parts.push(match name {
+                "pipeline" => TemplatePart::Pipeline,
+                "topic" => TemplatePart::Topic,
+                _ => {
+                    if let Some(field) = name.strip_prefix("payload.").filter(|f| !f.is_empty()) {
+                        TemplatePart::PayloadField(field.to_owned())
+                    } else if let Some(header) = name.strip_prefix("header.").filter(|h| !h.is_empty()) {
+                        TemplatePart::Header(header.to_owned())
+                    } else {
+                        return Err(format!("unknown placeholder \"{{{name}}}\" in \"{text}\""));
+                    }
+                }
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_owned()));
+        }
+        if text.contains(['+', '#']) {
+            return Err(format!("\"{text}\" contains a wildcard, which a publish topic must not"));
+        }
+        if text.is_empty() {
+            return Err("the topic template is empty".to_owned());
+        }
+        Ok(Self { parts, text: text.to_owned() })
+    }
+
+    /// Builds the topic for `message` of `pipeline`.
+    ///
+    /// # Errors
+    ///
+    /// Returns why a placeholder has no value: a payload that is not a JSON
+    /// object, a missing field or header, or a value that would change the
+    /// topic's levels or add a wildcard.
+    pub fn render(&self, pipeline: &str, message: &Message) -> Result<String, String> {
+        let mut payload: Option<serde_json::Value> = None;
+        let mut topic = String::new();
+        for part in &self.parts {
+            let value = match part {
+                TemplatePart::Literal(text) => {
+                    topic.push_str(text);
+                    continue;
+                }
+                TemplatePart::Pipeline => pipeline.to_owned(),
+                TemplatePart::Topic => {
+                    topic.push_str(&message.topic);
+                    continue;
+                }
+                TemplatePart::Header(name) => message
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| format!("topic template \"{}\": the message has no header \"{name}\"", self.text))?,
+                TemplatePart::PayloadField(field) => {
+                    let object = payload.get_or_insert_with(|| {
+                        serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null)
+                    });
+                    match object.get(field) {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(serde_json::Value::Number(n)) => n.to_string(),
+                        Some(_) => {
+                            return Err(format!(
+                                "topic template \"{}\": payload field \"{field}\" is not a string or number",
+                                self.text
+                            ))
+                        }
+                        None => {
+                            return Err(format!(
+                                "topic template \"{}\": the payload has no field \"{field}\"",
+                                self.text
+                            ))
+                        }
+                    }
+                }
+            };
+            if value.is_empty() || value.contains(['/', '+', '#', '\0']) {
+                return Err(format!(
+                    "topic template \"{}\": value \"{value}\" is empty or contains '/', '+', '#' or NUL",
+                    self.text
+                ));
+            }
+            topic.push_str(&value);
+        }
+        Ok(topic)
+    }
+}
+
+/// One output message with what produced it, as the sinks receive it.
+pub struct Record<'a> {
+    pub pipeline: &'a str,
+    pub message: &'a Message,
+    /// `stage@version` of every stage the message passed, in order.
+    pub processed_by: &'a [String],
+}
+
+/// Renders `record` as one JSON object: the payload is embedded as JSON when
+/// it parses as JSON, and as base64 otherwise.
+pub fn record_json(record: &Record<'_>) -> serde_json::Value {
+    let message = record.message;
+    let mut object = serde_json::json!({
+        "pipeline": record.pipeline,
+        "topic": message.topic,
+        "received_at": crate::clock::rfc3339_ms(message.received_at_ms),
+        "processed_by": record.processed_by,
+        "headers": message.headers,
+    });
+    match serde_json::from_slice::<serde_json::Value>(&message.payload) {
+        Ok(payload) => object["payload"] = payload,
+        Err(_) => {
+            object["payload_base64"] = base64::engine::general_purpose::STANDARD.encode(&message.payload).into();
+        }
+    }
+    object
+}
+
+/// Appends JSON lines to a file through a buffer; [`FileSink::flush`]
+/// makes a batch durable in the OS before its messages are acknowledged.
+pub struct FileSink {
+    path: PathBuf,
+    writer: BufWriter<File>,
+}
+
+impl FileSink {
+    /// Opens `path` for appending, creating it and its folder.
+    ///
+    /// # Errors
+    ///
+    /// Returns the I/O error with the path.
+    pub fn open(path: &Path) -> Result<Self, SinkError> {
+        let io = |source| SinkError::Io { path: path.to_owned(), source };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+        Ok(Self { path: path.to_owned(), writer: BufWriter::with_capacity(256 * 1024, file) })
+    }
+
+    pub fn write_json(&mut self, value: &serde_json::Value) -> Result<(), SinkError> {
+        let io = |source| SinkError::Io { path: self.path.clone(), source };
+        serde_json::to_writer(&mut self.writer, value).map_err(|e| io(e.into()))?;
+        self.writer.write_all(b"\n").map_err(io)
+    }
+
+    pub fn flush(&mut self) -> Result<(), SinkError> {
+        self.writer.flush().map_err(|source| SinkError::Io { path: self.path.clone(), source })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot publish to the broker: {0}")]
+    Publish(#[from] rumqttc::ClientError),
+}
+
+/// Publishes results on its own MQTT connection. A separate connection keeps
+/// the republish path from waiting behind the subscription's event loop,
+/// which stops reading while the pipeline is full.
+pub struct MqttSink {
+    client: rumqttc::AsyncClient,
+    pub topic: TopicTemplate,
+    pub qos: rumqttc::QoS,
+    pub retain: bool,
+}
+
+impl MqttSink {
+    /// Connects to `host:port` with client id `client_id` and drives the
+    /// connection in a background task until the client is dropped.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        client_id: String,
+        topic: TopicTemplate,
+        qos: rumqttc::QoS,
+        retain: bool,
+        max_packet_bytes: usize,
+    ) -> Self {
+        let mut options = rumqttc::MqttOptions::new(client_id.clone(), host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(max_packet_bytes, max_packet_bytes);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1024);
+        tokio::spawn(async move {
+            let mut backoff = crate::source::ReconnectBackoff::new();
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => backoff.reset(),
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => break,
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(client_id, error = %e, retry_in_ms = delay.as_millis() as u64, "republish connection lost");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+        Self { client, topic, qos, retain }
+    }
+
+    /// Queues one publish. Waits while the client's request queue is full.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SinkError> {
+        self.client.publish(topic, self.qos, self.retain, payload).await?;
+        Ok(())
+    }
+}
+
+/// One configured sink of a pipeline.
+pub enum Sink {
+    File(std::sync::Mutex<FileSink>),
+    Mqtt(MqttSink),
+}

@@ -1,0 +1,226 @@
+//! Loading a plugin component and calling it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::engine::{Runtime, EPOCH_TICK};
+use super::{eliot, Message, Outcome, Plugin, PluginError, PluginInfo, PluginPre};
+use crate::config::{PluginConfig, PluginLimits};
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin \"{plugin}\": cannot read {path}: {source}")]
+    Read { plugin: String, path: PathBuf, source: std::io::Error },
+    #[error("plugin \"{plugin}\": {path} is not a valid Wasm component: {reason}")]
+    Compile { plugin: String, path: PathBuf, reason: String },
+    #[error(
+        "plugin \"{plugin}\": {path} does not match the Eliot plugin contract \
+         (world eliot:plugin/plugin@0.1.0): {reason}"
+    )]
+    Contract { plugin: String, path: PathBuf, reason: String },
+    #[error("plugin \"{plugin}\": init rejected its config: {reason}")]
+    InitRejected { plugin: String, reason: String },
+    #[error("plugin \"{plugin}\": trapped while starting: {reason}")]
+    Trapped { plugin: String, reason: String },
+}
+
+/// Why a call into a plugin instance failed. After any of these the
+/// instance is discarded, because its state may be inconsistent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("exceeded its time budget of {budget_ms} ms")]
+    Timeout { budget_ms: u64 },
+    #[error("trapped: {0}")]
+    Trap(String),
+}
+
+/// Per-plugin counters that plugins raise through the `host` import.
+pub type PluginCounters = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// The state each store carries: WASI with nothing granted, the resource
+/// limiter, and who the plugin is for log attribution.
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    plugin: Arc<str>,
+    counters: PluginCounters,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl eliot::plugin::types::Host for StoreState {}
+
+impl eliot::plugin::log::Host for StoreState {
+    fn write(&mut self, level: eliot::plugin::log::Level, message: String, fields: Vec<(String, String)>) {
+        use eliot::plugin::log::Level;
+
+        let plugin = &*self.plugin;
+        let fields = fields.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+        match level {
+            Level::Trace => tracing::trace!(target: "eliot::plugin", plugin, fields, "{message}"),
+            Level::Debug => tracing::debug!(target: "eliot::plugin", plugin, fields, "{message}"),
+            Level::Info => tracing::info!(target: "eliot::plugin", plugin, fields, "{message}"),
+            Level::Warn => tracing::warn!(target: "eliot::plugin", plugin, fields, "{message}"),
+            Level::Error => tracing::error!(target: "eliot::plugin", plugin, fields, "{message}"),
+        }
+    }
+}
+
+impl eliot::plugin::host::Host for StoreState {
+    fn now_ms(&mut self) -> u64 {
+        crate::clock::now_ms()
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        *counters.entry(name).or_default() += delta;
+    }
+}
+
+/// A compiled, linked plugin whose config its `init` accepted. Cheap to
+/// instantiate again: one per worker, and a fresh one after every trap.
+pub struct LoadedPlugin {
+    pub name: String,
+    pub path: PathBuf,
+    pub info: PluginInfo,
+    pub limits: PluginLimits,
+    pub counters: PluginCounters,
+    config_json: String,
+    pre: PluginPre<StoreState>,
+    engine: wasmtime::Engine,
+}
+
+impl LoadedPlugin {
+    /// Compiles the component at `config.path`, links it, and runs `init`
+    /// on a trial instance so that a bad config is found now and not on the
+    /// first message.
+    ///
+    /// # Errors
+    ///
+    /// See [`LoadError`]: unreadable file, invalid Wasm, a component that does
+    /// not match the WIT world, or an `init` that rejects the config.
+    pub fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
+        let plugin = config.name.clone();
+        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read {
+            plugin: plugin.clone(),
+            path: config.path.clone(),
+            source,
+        })?;
+        let component = Component::from_binary(&runtime.engine, &bytes).map_err(|e| LoadError::Compile {
+            plugin: plugin.clone(),
+            path: config.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| LoadError::Contract {
+            plugin: plugin.clone(),
+            path: config.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let pre = PluginPre::new(instance_pre).map_err(|e| LoadError::Contract {
+            plugin: plugin.clone(),
+            path: config.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+
+        let mut loaded = Self {
+            name: plugin.clone(),
+            path: config.path.clone(),
+            info: PluginInfo { name: String::new(), version: String::new() },
+            limits: config.limits.clone(),
+            counters: PluginCounters::default(),
+            config_json: config.config.to_string(),
+            pre,
+            engine: runtime.engine.clone(),
+        };
+        let mut trial = loaded.instantiate()?;
+        loaded.info = trial.describe().map_err(|e| LoadError::Trapped { plugin, reason: e.to_string() })?;
+        Ok(loaded)
+    }
+
+    /// Creates a new instance and runs its `init` with the plugin's config.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::InitRejected`] when `init` returns an error, and
+    /// [`LoadError::Trapped`] when instantiation or `init` traps.
+    pub fn instantiate(&self) -> Result<StageInstance, LoadError> {
+        let trapped = |e: wasmtime::Error| LoadError::Trapped { plugin: self.name.clone(), reason: format!("{e:#}") };
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(self.limits.memory_mib * 1024 * 1024).unwrap_or(usize::MAX))
+            .instances(64)
+            .tables(64)
+            .table_elements(100_000)
+            .build();
+        let state = StoreState {
+            // Nothing is granted: no args, no environment, no preopens, no
+            // network, and no stdio (the plugin logs through the log import).
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limits,
+            plugin: Arc::from(self.name.as_str()),
+            counters: self.counters.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(budget_ticks(self.limits.call_budget_ms));
+
+        let bindings = self.pre.instantiate(&mut store).map_err(trapped)?;
+        store.set_epoch_deadline(budget_ticks(self.limits.call_budget_ms));
+        bindings
+            .eliot_plugin_processor()
+            .call_init(&mut store, &self.config_json)
+            .map_err(trapped)?
+            .map_err(|reason| LoadError::InitRejected { plugin: self.name.clone(), reason })?;
+        Ok(StageInstance { store, bindings, budget_ms: self.limits.call_budget_ms })
+    }
+}
+
+fn budget_ticks(budget_ms: u64) -> u64 {
+    let tick_ms = EPOCH_TICK.as_millis() as u64;
+    budget_ms.div_ceil(tick_ms) + 1
+}
+
+/// One live instance of a plugin, owned by one worker thread.
+pub struct StageInstance {
+    store: Store<StoreState>,
+    bindings: Plugin,
+    budget_ms: u64,
+}
+
+impl StageInstance {
+    fn describe(&mut self) -> Result<PluginInfo, CallError> {
+        self.store.set_epoch_deadline(budget_ticks(self.budget_ms));
+        let result = self.bindings.eliot_plugin_processor().call_describe(&mut self.store);
+        result.map_err(|e| self.classify(e))
+    }
+
+    /// Calls `process` under the time budget.
+    ///
+    /// # Errors
+    ///
+    /// The outer error is a trap or timeout: the instance must be discarded.
+    /// The inner `Result` is the plugin's own answer.
+    pub fn process(&mut self, message: &Message) -> Result<Result<Outcome, PluginError>, CallError> {
+        self.store.set_epoch_deadline(budget_ticks(self.budget_ms));
+        let result = self.bindings.eliot_plugin_processor().call_process(&mut self.store, message);
+        result.map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, error: wasmtime::Error) -> CallError {
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Timeout { budget_ms: self.budget_ms },
+            _ => CallError::Trap(format!("{error:#}").lines().next().unwrap_or_default().to_owned()),
+        }
+    }
+}

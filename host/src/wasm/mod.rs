@@ -1,0 +1,16 @@
+//! The plugin sandbox: one wasmtime engine per process, components compiled
+//! once (with the on-disk cache) and instantiated per worker from
+//! `InstancePre`.
+
+mod engine;
+mod instance;
+
+pub use engine::{Runtime, RuntimeError};
+pub use instance::{CallError, LoadError, LoadedPlugin, StageInstance};
+
+wasmtime::component::bindgen!({
+    world: "plugin",
+    path: "../wit",
+});
+
+pub use eliot::plugin::types::{Error as PluginError, ErrorKind, Message, Outcome, PluginInfo, Qos};
