@@ -387,6 +387,9 @@ impl Validator<'_> {
             plugins.insert(name.clone(), PluginConfig { name, path, config, limits: plugin.limits });
         }
 
+        // Names are collected first so that a sink with a bad value is not
+        // also reported as undefined by every pipeline that uses it.
+        let sink_names: std::collections::BTreeSet<String> = raw.sinks.keys().cloned().collect();
         let mut sinks = BTreeMap::new();
         for (name, sink) in raw.sinks {
             let sink = match sink {
@@ -446,7 +449,7 @@ impl Validator<'_> {
                 self.error(format!("pipelines.{name}.sinks"), "the list is empty", "add at least one sink");
             }
             for sink in &pipeline.sinks {
-                if !sinks.contains_key(sink) {
+                if !sink_names.contains(sink) {
                     self.error(
                         format!("pipelines.{name}.sinks"),
                         format!("sink \"{sink}\" is not defined"),
@@ -481,5 +484,188 @@ impl Validator<'_> {
             pipelines,
             sinks,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+[mqtt]
+broker = "127.0.0.1:1883"
+client_id = "eliot-test"
+
+[runtime]
+plugin_dir = "plugins"
+
+[dead_letters]
+path = "out/dead.jsonl"
+
+[plugins.enrich]
+file = "enrich.wasm"
+
+[pipelines.telemetry]
+topics = ["devices/+/telemetry"]
+stages = ["enrich"]
+sinks = ["file"]
+
+[sinks.file]
+type = "file"
+path = "out/processed.jsonl"
+"#;
+
+    /// A folder with `eliot.toml` and an (empty) plugin file, which is all
+    /// validation looks at.
+    fn setup() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        std::fs::write(dir.path().join("plugins/enrich.wasm"), b"").unwrap();
+        let file = dir.path().join("eliot.toml");
+        (dir, file)
+    }
+
+    fn errors(text: &str) -> (PathBuf, Vec<String>) {
+        let (_dir, file) = setup();
+        let errors = Config::parse(&file, text).unwrap_err();
+        (file.clone(), errors.0.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn valid_config_resolves_paths() {
+        let (dir, file) = setup();
+        let config = Config::parse(&file, VALID).unwrap();
+        let base = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(config.plugins["enrich"].path, base.join("plugins/enrich.wasm"));
+        assert_eq!(config.dead_letter_path, base.join("out/dead.jsonl"));
+        assert_eq!(config.plugins["enrich"].config, serde_json::json!({}));
+        assert_eq!(config.pipelines["telemetry"].stages, vec!["enrich"]);
+        assert_eq!(config.pipelines["telemetry"].workers, 2);
+    }
+
+    #[test]
+    fn plugin_table_becomes_json() {
+        let (_dir, file) = setup();
+        let text = VALID.replace(
+            "file = \"enrich.wasm\"",
+            "file = \"enrich.wasm\"\nconfig = { pattern = \"a/{device_id}\", limit = 3, ratio = 0.5 }",
+        );
+        let config = Config::parse(&file, &text).unwrap();
+        assert_eq!(
+            config.plugins["enrich"].config,
+            serde_json::json!({"pattern": "a/{device_id}", "limit": 3, "ratio": 0.5})
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_fix() {
+        let text = VALID.replace("stages = [\"enrich\"]", "stages = [\"enrich\"]\nstagez = []");
+        let (file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0],
+            format!(
+                "{}: key `pipelines.telemetry.stagez`: unknown field `stagez`, expected one of \
+                 `topics`, `qos`, `workers`, `stages`, `sinks` (line 18); remove the key or correct its spelling",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn missing_plugin_file_names_key_and_fix() {
+        let text = VALID.replace("file = \"enrich.wasm\"", "file = \"enrichh.wasm\"");
+        let (file, errors) = errors(&text);
+        let base = std::path::absolute(file.parent().unwrap()).unwrap();
+        assert_eq!(
+            errors,
+            vec![format!(
+                "{}: key `plugins.enrich.file`: plugin file {} not found; build the plugin (eliot plugin build) \
+                 or correct the file name; relative names are looked up in runtime.plugin_dir",
+                file.display(),
+                base.join("plugins/enrichh.wasm").display()
+            )]
+        );
+    }
+
+    #[test]
+    fn bad_topic_filter_names_key_and_fix() {
+        let text = VALID.replace("devices/+/telemetry", "a/#/b");
+        let (file, errors) = errors(&text);
+        assert_eq!(
+            errors,
+            vec![format!(
+                "{}: key `pipelines.telemetry.topics`: invalid topic filter \"a/#/b\": \"#\" must be a whole \
+                 level and the last one, but level 2 is \"#\"; use + for one whole level and # only as the last \
+                 level, for example \"devices/+/telemetry\" or \"devices/#\"",
+                file.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn undefined_references_are_all_reported() {
+        let text = VALID
+            .replace("stages = [\"enrich\"]", "stages = [\"enrich\", \"nope\"]")
+            .replace("sinks = [\"file\"]", "sinks = [\"file\", \"missing\"]");
+        let (file, errors) = errors(&text);
+        assert_eq!(
+            errors,
+            vec![
+                format!(
+                    "{}: key `pipelines.telemetry.stages`: stage \"nope\" names no plugin; \
+                     define [plugins.nope] or remove it from the list",
+                    file.display()
+                ),
+                format!(
+                    "{}: key `pipelines.telemetry.sinks`: sink \"missing\" is not defined; \
+                     define [sinks.missing] or remove it from the list",
+                    file.display()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        let text = VALID
+            .replace("broker = \"127.0.0.1:1883\"", "broker = \"localhost\"")
+            .replace("stages = [\"enrich\"]", "stages = [\"enrich\"]\nqos = 3\nworkers = 0");
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains("key `mqtt.broker`: \"localhost\" is neither \"embedded\" nor a host:port address"));
+        assert!(errors[1].contains("key `pipelines.telemetry.qos`: QoS 3 does not exist; use 0, 1 or 2"));
+        assert!(errors[2].contains("key `pipelines.telemetry.workers`: 0 workers cannot process anything"));
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let (_file, errors) = errors("[mqtt\nbroker = 1");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("key `(syntax)`: invalid TOML: TOML parse error at line 1"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let text = VALID.replace("[dead_letters]\npath = \"out/dead.jsonl\"\n", "");
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("missing field `dead_letters`"), "{}", errors[0]);
+        assert!(errors[0].ends_with("; add the key"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn bad_sink_template_is_reported() {
+        let text = VALID.replace(
+            "type = \"file\"\npath = \"out/processed.jsonl\"",
+            "type = \"mqtt\"\ntopic = \"out/{payload.device_id}/{nope}\"",
+        );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains("key `sinks.file.topic`: unknown placeholder \"{nope}\" in \"out/{payload.device_id}/{nope}\""),
+            "{}",
+            errors[0]
+        );
     }
 }
