@@ -13,4 +13,4 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-pub use eliot::plugin::types::{Error as PluginError, ErrorKind, Message, Outcome, PluginInfo, Qos};
+pub use self::eliot::plugin::types::{Error as PluginError, ErrorKind, Message, Outcome, PluginInfo, Qos};
