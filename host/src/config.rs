@@ -121,6 +121,104 @@ struct RawPluginConfig {
     config: toml::Table,
     #[serde(default)]
     limits: PluginLimits,
+    #[serde(default)]
+    breaker: StageBreakerConfig,
+    #[serde(default)]
+    grants: Grants,
+    #[serde(default = "default_max_retries")]
+    max_retries: usize,
+}
+
+fn default_max_retries() -> usize {
+    3
+}
+
+/// When a stage's circuit breaker opens and what happens to messages then.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageBreakerConfig {
+    /// Consecutive failed calls (traps, timeouts, transient errors after
+    /// their retries) that open the breaker. `invalid` errors do not count:
+    /// they are the message's fault, not the plugin's.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one trial call, in ms.
+    #[serde(default = "default_cool_down_ms")]
+    pub cool_down_ms: u64,
+    #[serde(default)]
+    pub on_open: OpenPolicy,
+}
+
+impl Default for StageBreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: default_failure_threshold(),
+            cool_down_ms: default_cool_down_ms(),
+            on_open: OpenPolicy::default(),
+        }
+    }
+}
+
+/// What a pipeline does with a message while a stage's breaker is open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpenPolicy {
+    /// Store the message as a dead letter without calling the stage.
+    #[default]
+    DeadLetter,
+    /// Pass the message on unchanged, as if the stage were not there.
+    Skip,
+    /// Hold the message (and so the worker and, through backpressure, the
+    /// source) until the cool-down ends, then try again.
+    Pause,
+}
+
+/// A sink's circuit breaker. While it is open the sink is not called, the
+/// pipeline holds its messages, and nothing is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkBreakerConfig {
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default = "default_cool_down_ms")]
+    pub cool_down_ms: u64,
+}
+
+impl Default for SinkBreakerConfig {
+    fn default() -> Self {
+        Self { failure_threshold: default_failure_threshold(), cool_down_ms: default_cool_down_ms() }
+    }
+}
+
+fn default_failure_threshold() -> u32 {
+    5
+}
+
+fn default_cool_down_ms() -> u64 {
+    5000
+}
+
+/// Capabilities a plugin gets beyond the default of none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// Names of host environment variables the plugin may read.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Host folders the plugin may read, mounted read-only.
+    #[serde(default)]
+    pub read_dirs: Vec<DirGrant>,
+    /// Outgoing TCP and UDP sockets and name lookups.
+    #[serde(default)]
+    pub network: bool,
+}
+
+/// One host folder visible to a plugin under `guest`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    pub host: PathBuf,
+    pub guest: String,
 }
 
 /// Sandbox limits of one plugin instance.
@@ -172,13 +270,19 @@ fn default_workers() -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum RawSinkConfig {
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+        #[serde(default)]
+        breaker: SinkBreakerConfig,
+    },
     Mqtt {
         topic: String,
         #[serde(default = "default_qos")]
         qos: u8,
         #[serde(default)]
         retain: bool,
+        #[serde(default)]
+        breaker: SinkBreakerConfig,
     },
 }
 
@@ -206,6 +310,10 @@ pub struct PluginConfig {
     /// The plugin's own table, passed to its `init` as a JSON object.
     pub config: serde_json::Value,
     pub limits: PluginLimits,
+    pub breaker: StageBreakerConfig,
+    pub grants: Grants,
+    /// Retries of a transient error before the message is dead-lettered.
+    pub max_retries: usize,
 }
 
 /// One pipeline: what it subscribes to, its stages in order and its sinks.
@@ -219,9 +327,16 @@ pub struct PipelineConfig {
     pub sinks: Vec<String>,
 }
 
-/// Where a pipeline's results go.
+/// Where a pipeline's results go, and the sink's breaker.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SinkConfig {
+pub struct SinkConfig {
+    pub kind: SinkKind,
+    pub breaker: SinkBreakerConfig,
+}
+
+/// The kinds of sink.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkKind {
     /// Append one JSON object per line to a file.
     File { path: PathBuf },
     /// Publish to the broker on a topic built from a template.
@@ -384,7 +499,29 @@ impl Validator<'_> {
                 );
             }
             let config = serde_json::to_value(&plugin.config).unwrap_or_else(|_| serde_json::json!({}));
-            plugins.insert(name.clone(), PluginConfig { name, path, config, limits: plugin.limits });
+            let mut grants = plugin.grants;
+            for dir in &mut grants.read_dirs {
+                dir.host = self.resolve(&dir.host);
+                if !dir.host.is_dir() {
+                    self.error(
+                        format!("plugins.{name}.grants.read_dirs"),
+                        format!("folder {} not found", dir.host.display()),
+                        "grant an existing folder or remove the entry",
+                    );
+                }
+            }
+            plugins.insert(
+                name.clone(),
+                PluginConfig {
+                    name,
+                    path,
+                    config,
+                    limits: plugin.limits,
+                    breaker: plugin.breaker,
+                    grants,
+                    max_retries: plugin.max_retries,
+                },
+            );
         }
 
         // Names are collected first so that a sink with a bad value is not
@@ -393,11 +530,13 @@ impl Validator<'_> {
         let mut sinks = BTreeMap::new();
         for (name, sink) in raw.sinks {
             let sink = match sink {
-                RawSinkConfig::File { path } => SinkConfig::File { path: self.resolve(&path) },
-                RawSinkConfig::Mqtt { topic, qos, retain } => {
+                RawSinkConfig::File { path, breaker } => {
+                    SinkConfig { kind: SinkKind::File { path: self.resolve(&path) }, breaker }
+                }
+                RawSinkConfig::Mqtt { topic, qos, retain, breaker } => {
                     let qos = self.qos(format!("sinks.{name}.qos"), qos);
                     match crate::sink::TopicTemplate::parse(&topic) {
-                        Ok(topic) => SinkConfig::Mqtt { topic, qos, retain },
+                        Ok(topic) => SinkConfig { kind: SinkKind::Mqtt { topic, qos, retain }, breaker },
                         Err(problem) => {
                             self.error(
                                 format!("sinks.{name}.topic"),

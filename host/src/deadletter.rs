@@ -1,16 +1,19 @@
-//! The dead-letter file: every message that a stage rejected or failed on,
-//! with the stage and the reason, one JSON object per line.
+//! Dead letters: every message that a stage rejected or failed on, with the
+//! stage and the reason, kept in an embedded SQLite database until someone
+//! replays or purges it.
+//!
+//! - [`store`]: the SQLite store the host appends to and the CLI reads.
+//! - [`cli`]: `eliot dead-letters list|show|replay|purge`.
+//! - [`replay`]: sends stored dead letters through their pipeline again.
 
-use std::path::Path;
-use std::sync::Mutex;
+pub mod cli;
+mod publish;
+pub mod replay;
+pub mod store;
 
-use base64::Engine as _;
+pub use store::{DeadLetterError, DeadLetterStore, ListFilter, ReplayFailure, StoredDeadLetter};
 
-use crate::sink::{FileSink, SinkError};
-use crate::wasm::{Message, Qos};
-
-// NOTE: a plain file is not a queryable, replayable store; it holds every
-// field needed to replay a message, but nothing reads it back yet.
+use crate::wasm::Message;
 
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,9 +29,26 @@ pub enum FailureKind {
     /// A sink could not take the message, for example a topic template
     /// without a value.
     Sink,
+    /// The stage's circuit breaker was open and its policy is dead-letter.
+    CircuitOpen,
+    /// A message the client could not decode, for example a topic that is
+    /// not valid UTF-8.
+    Undecodable,
 }
 
 impl FailureKind {
+    /// Every kind, in declaration order. Keep it in step with the enum: the
+    /// store and the CLI parse kinds through it.
+    pub const ALL: [FailureKind; 7] = [
+        Self::Invalid,
+        Self::Transient,
+        Self::Timeout,
+        Self::Trap,
+        Self::Sink,
+        Self::CircuitOpen,
+        Self::Undecodable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Invalid => "invalid",
@@ -36,7 +56,27 @@ impl FailureKind {
             Self::Timeout => "timeout",
             Self::Trap => "trap",
             Self::Sink => "sink",
+            Self::CircuitOpen => "circuit-open",
+            Self::Undecodable => "undecodable",
         }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for FailureKind {
+    type Err = String;
+
+    /// Parses the name that [`FailureKind::as_str`] returns.
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == text).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|kind| kind.as_str()).collect();
+            format!("unknown failure kind \"{text}\"; use one of {}", names.join(", "))
+        })
     }
 }
 
@@ -49,68 +89,53 @@ pub struct DeadLetter {
     pub kind: FailureKind,
     pub reason: String,
     pub message: Message,
+    /// The topic exactly as received, when it differs from `message.topic`
+    /// because it is not valid UTF-8 (then `message.topic` is a lossy
+    /// rendering). `None` when `message.topic` is the exact topic.
+    pub topic_bytes: Option<Vec<u8>>,
 }
 
-/// The append-only dead-letter file, shared by every pipeline.
-pub struct DeadLetterFile {
-    file: Mutex<FileSink>,
+impl DeadLetter {
+    /// Creates a dead letter for `message`, whose topic is exact.
+    pub fn new(pipeline: String, stage: String, kind: FailureKind, reason: String, message: Message) -> Self {
+        Self { pipeline, stage, kind, reason, message, topic_bytes: None }
+    }
+
+    /// Returns the topic's bytes as received.
+    pub fn topic_bytes(&self) -> &[u8] {
+        self.topic_bytes.as_deref().unwrap_or(self.message.topic.as_bytes())
+    }
 }
 
-impl DeadLetterFile {
-    /// Opens `path` for appending.
-    ///
-    /// # Errors
-    ///
-    /// Returns the I/O error with the path.
-    pub fn open(path: &Path) -> Result<Self, SinkError> {
-        Ok(Self { file: Mutex::new(FileSink::open(path)?) })
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    pub fn path(&self) -> std::path::PathBuf {
-        self.lock().path().to_owned()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, FileSink> {
-        self.file.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Appends a batch of dead letters and flushes it.
-    ///
-    /// # Errors
-    ///
-    /// Returns the I/O error; the caller must not acknowledge the messages.
-    pub fn append(&self, letters: &[&DeadLetter]) -> Result<(), SinkError> {
-        let mut file = self.lock();
-        for letter in letters {
-            file.write_json(&letter_json(letter))?;
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in FailureKind::ALL {
+            // An exhaustive match: a new variant fails to compile here until
+            // it is added to ALL as well.
+            match kind {
+                FailureKind::Invalid
+                | FailureKind::Transient
+                | FailureKind::Timeout
+                | FailureKind::Trap
+                | FailureKind::Sink
+                | FailureKind::CircuitOpen
+                | FailureKind::Undecodable => {}
+            }
+            assert_eq!(kind.as_str().parse::<FailureKind>(), Ok(kind));
         }
-        file.flush()
     }
-}
 
-fn letter_json(letter: &DeadLetter) -> serde_json::Value {
-    let message = &letter.message;
-    let mut object = serde_json::json!({
-        "time": crate::clock::rfc3339_ms(crate::clock::now_ms()),
-        "pipeline": letter.pipeline,
-        "stage": letter.stage,
-        "kind": letter.kind.as_str(),
-        "reason": letter.reason,
-        "topic": message.topic,
-        "qos": match message.qos {
-            Qos::AtMostOnce => 0,
-            Qos::AtLeastOnce => 1,
-            Qos::ExactlyOnce => 2,
-        },
-        "retain": message.retain,
-        "received_at": crate::clock::rfc3339_ms(message.received_at_ms),
-        "headers": message.headers,
-        "payload_base64": base64::engine::general_purpose::STANDARD.encode(&message.payload),
-    });
-    // The text form is for people reading the file; the base64 form is the
-    // exact original bytes.
-    if let Ok(text) = std::str::from_utf8(&message.payload) {
-        object["payload_text"] = text.into();
+    #[test]
+    fn unknown_kind_lists_names() {
+        assert_eq!(
+            "bogus".parse::<FailureKind>(),
+            Err("unknown failure kind \"bogus\"; use one of invalid, transient, timeout, trap, sink, \
+                 circuit-open, undecodable"
+                .to_owned())
+        );
     }
-    object
 }

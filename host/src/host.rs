@@ -10,12 +10,13 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, SinkConfig};
-use crate::deadletter::DeadLetterFile;
+use crate::config::{Config, SinkKind};
+use crate::deadletter::DeadLetterStore;
 use crate::pipeline::Pipeline;
-use crate::sink::{FileSink, MqttSink, Sink};
+use crate::sink::{FileSink, MqttSink, Sink, SinkTarget};
 use crate::source::{self, SourceOptions};
 use crate::stats::{PipelineStats, StatsSnapshot};
+use crate::supervisor::Supervisor;
 use crate::wasm::{LoadedPlugin, Runtime};
 
 /// A running host. Dropping it without [`Host::shutdown`] leaves messages
@@ -25,6 +26,10 @@ pub struct Host {
     pub broker: SocketAddr,
     pub stats: BTreeMap<String, Arc<PipelineStats>>,
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    pub supervisor: Arc<Supervisor>,
+    /// Every pipeline's stages, for their breaker states.
+    pub stages: BTreeMap<String, Arc<[crate::pipeline::Stage]>>,
+    pub sinks: BTreeMap<String, Arc<Sink>>,
     shutdown: watch::Sender<bool>,
     connected: watch::Receiver<bool>,
     source: JoinHandle<()>,
@@ -75,12 +80,12 @@ impl Host {
             plugins.insert(name.clone(), Arc::new(loaded));
         }
 
-        let dead_letters = Arc::new(DeadLetterFile::open(&config.dead_letter_path)?);
+        let dead_letters = Arc::new(DeadLetterStore::open(&config.dead_letter_path)?);
         let mut sinks: BTreeMap<String, Arc<Sink>> = BTreeMap::new();
         for (name, sink) in &config.sinks {
-            let sink = match sink {
-                SinkConfig::File { path } => Sink::File(std::sync::Mutex::new(FileSink::open(path)?)),
-                SinkConfig::Mqtt { topic, qos, retain } => Sink::Mqtt(MqttSink::connect(
+            let kind = match &sink.kind {
+                SinkKind::File { path } => SinkTarget::File(std::sync::Mutex::new(FileSink::open(path)?)),
+                SinkKind::Mqtt { topic, qos, retain } => SinkTarget::Mqtt(MqttSink::connect(
                     &broker.ip().to_string(),
                     broker.port(),
                     format!("{}-sink-{name}", config.mqtt.client_id),
@@ -90,18 +95,23 @@ impl Host {
                     config.mqtt.max_packet_bytes,
                 )),
             };
-            sinks.insert(name.clone(), Arc::new(sink));
+            sinks.insert(name.clone(), Arc::new(Sink::new(name.clone(), kind, &sink.breaker)));
         }
 
+        // NOTE: a fixed restart intensity; it is not configurable yet.
+        let supervisor = Arc::new(Supervisor::new(10, Duration::from_secs(60)));
         let mut pipelines = Vec::new();
         let mut sink_tasks = Vec::new();
         let mut stats = BTreeMap::new();
+        let mut stage_map = BTreeMap::new();
         for pipeline in config.pipelines.values() {
             let stages = pipeline.stages.iter().map(|s| plugins[s].clone()).collect();
-            let pipeline_sinks = pipeline.sinks.iter().map(|s| (s.clone(), sinks[s].clone())).collect();
-            let (running, task) = Pipeline::start(pipeline.clone(), stages, pipeline_sinks, dead_letters.clone())
+            let pipeline_sinks = pipeline.sinks.iter().map(|s| sinks[s].clone()).collect();
+            let (running, task) =
+                Pipeline::start(pipeline.clone(), stages, pipeline_sinks, dead_letters.clone(), supervisor.clone())
                 .with_context(|| format!("pipeline \"{}\"", pipeline.name))?;
             stats.insert(pipeline.name.clone(), running.stats.clone());
+            stage_map.insert(pipeline.name.clone(), running.stages.clone());
             pipelines.push(running);
             sink_tasks.push(task);
             tracing::info!(
@@ -134,12 +144,16 @@ impl Host {
             shutdown_rx,
             connected_tx,
             acker,
+            config.mqtt.max_packet_bytes,
         ));
 
         Ok(Self {
             broker,
             stats,
             plugins,
+            supervisor,
+            stages: stage_map,
+            sinks,
             shutdown,
             connected,
             source,
@@ -151,6 +165,21 @@ impl Host {
     /// Waits until the source has connected and subscribed, or `timeout`.
     pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.connected.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Breaker state of every stage (`pipeline/stage`) and sink
+    /// (`sink:NAME`).
+    pub fn breaker_states(&self) -> BTreeMap<String, crate::breaker::BreakerState> {
+        let mut states = BTreeMap::new();
+        for (pipeline, stages) in &self.stages {
+            for stage in stages.iter() {
+                states.insert(format!("{pipeline}/{}", stage.plugin.name), stage.breaker_state());
+            }
+        }
+        for (name, sink) in &self.sinks {
+            states.insert(format!("sink:{name}"), sink.breaker_state());
+        }
+        states
     }
 
     /// Counters of every pipeline.

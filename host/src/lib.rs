@@ -5,17 +5,21 @@
 //! integration tests drive the same [`host::Host`].
 
 pub mod ack;
+pub mod breaker;
 pub mod broker;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod deadletter;
 pub mod host;
 pub mod pipeline;
 pub mod plugin_build;
+pub mod restart;
 pub mod simulate;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod supervisor;
 pub mod topic;
 pub mod wasm;
 

@@ -10,9 +10,10 @@ use backon::{BlockingRetryable, ExponentialBuilder};
 use tokio::sync::mpsc;
 
 use crate::ack::{AckTracker, Sequence};
-use crate::config::PipelineConfig;
-use crate::deadletter::{DeadLetter, DeadLetterFile, FailureKind};
-use crate::sink::{Record, Sink};
+use crate::breaker::{BreakerState, CircuitBreaker, Permit, Transition};
+use crate::config::{OpenPolicy, PipelineConfig};
+use crate::deadletter::{DeadLetter, DeadLetterStore, FailureKind};
+use crate::sink::{Record, Sink, SinkTarget};
 use crate::stats::{self, PipelineStats};
 use crate::wasm::{CallError, ErrorKind, LoadedPlugin, Message, Outcome, StageInstance};
 
@@ -23,8 +24,6 @@ const WORKER_QUEUE: usize = 64;
 const RESULT_QUEUE: usize = 512;
 /// Most results the sink task writes before it flushes and acknowledges.
 const SINK_BATCH: usize = 256;
-/// Retries of a stage that returns a transient error, before dead-lettering.
-const TRANSIENT_RETRIES: usize = 3;
 
 /// The ack tracker shared by the source (which registers each message on
 /// arrival) and the sink tasks (which finish them). The lock is held only for
@@ -85,9 +84,12 @@ pub struct Job {
 }
 
 /// What the chain of stages made of one input message.
-enum ChainResult {
-    /// Every message that came out of the last stage.
-    Outputs(Vec<Message>),
+#[derive(Debug)]
+pub enum ChainResult {
+    /// Every message that came out of the last stage, and `stage@version`
+    /// of each stage it passed (`stage@skipped` for a stage skipped while
+    /// its breaker was open).
+    Outputs { messages: Vec<Message>, processed_by: Vec<String> },
     /// A stage consumed the message on purpose.
     Dropped { stage: String, reason: String },
     /// A stage failed; the original message goes to the dead letters.
@@ -97,13 +99,45 @@ enum ChainResult {
 struct Processed {
     job: Job,
     result: ChainResult,
-    processed_by: Arc<[String]>,
+}
+
+/// One stage of a pipeline as all its workers share it: the plugin, the
+/// stage's circuit breaker and its policy.
+pub struct Stage {
+    pub plugin: Arc<LoadedPlugin>,
+    /// One breaker per stage and pipeline, shared by the workers so that
+    /// failures on any worker count. Locked only to ask or record.
+    pub breaker: std::sync::Mutex<CircuitBreaker>,
+    pub on_open: OpenPolicy,
+    pub max_retries: usize,
+}
+
+impl Stage {
+    pub fn new(plugin: Arc<LoadedPlugin>) -> Self {
+        let config = plugin.breaker.clone();
+        let breaker = CircuitBreaker::new(config.failure_threshold, Duration::from_millis(config.cool_down_ms));
+        Self {
+            max_retries: plugin.max_retries,
+            plugin,
+            breaker: std::sync::Mutex::new(breaker),
+            on_open: config.on_open,
+        }
+    }
+
+    fn breaker(&self) -> std::sync::MutexGuard<'_, CircuitBreaker> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker().state()
+    }
 }
 
 /// The handle the source uses to feed a pipeline.
 pub struct Pipeline {
     pub config: PipelineConfig,
     pub stats: Arc<PipelineStats>,
+    pub stages: Arc<[Stage]>,
     workers: Vec<mpsc::Sender<Job>>,
 }
 
@@ -117,105 +151,240 @@ impl Pipeline {
     pub fn start(
         config: PipelineConfig,
         plugins: Vec<Arc<LoadedPlugin>>,
-        sinks: Vec<(String, Arc<Sink>)>,
-        dead_letters: Arc<DeadLetterFile>,
+        sinks: Vec<Arc<Sink>>,
+        dead_letters: Arc<DeadLetterStore>,
+        supervisor: Arc<crate::supervisor::Supervisor>,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let stats = Arc::new(PipelineStats::default());
         let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE);
-        let processed_by: Arc<[String]> =
-            plugins.iter().map(|p| format!("{}@{}", p.name, p.info.version)).collect::<Vec<_>>().into();
+        let stages: Arc<[Stage]> = plugins.into_iter().map(Stage::new).collect::<Vec<_>>().into();
 
         let mut workers = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
-            let mut instances = Vec::with_capacity(plugins.len());
-            for plugin in &plugins {
-                instances.push(Some(plugin.instantiate()?));
-            }
+            let mut chain = Chain::new(config.name.clone(), stages.clone(), stats.clone());
+            chain.instantiate_all()?;
             let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-            let worker = Worker {
-                pipeline: config.name.clone(),
-                plugins: plugins.clone(),
-                instances,
-                processed_by: processed_by.clone(),
-            };
             let results = result_tx.clone();
+            let name = format!("worker {}/{index}", config.name);
+            let supervisor = supervisor.clone();
             std::thread::Builder::new()
                 .name(format!("eliot-{}-{index}", config.name))
-                .spawn(move || worker.run(rx, results))?;
+                .spawn(move || run_worker(&name, chain, rx, results, &supervisor))?;
             workers.push(tx);
         }
         drop(result_tx);
 
         let sink_task = tokio::spawn(sink_loop(config.name.clone(), result_rx, sinks, dead_letters, stats.clone()));
-        Ok((Self { config, stats, workers }, sink_task))
+        Ok((Self { config, stats, stages, workers }, sink_task))
     }
 
-    /// Queues `job` on the worker that owns its device, waiting while that
-    /// worker's queue is full. Messages with the same key always go to the
-    /// same worker, which keeps them in order.
-    pub async fn dispatch(&self, key: &str, job: Job) {
-        stats::add(&self.stats.received, 1);
+    /// Index of the worker that owns `key`. Messages with the same key
+    /// always go to the same worker, which keeps them in order.
+    pub fn worker_for(&self, key: &str) -> usize {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut hasher);
-        let index = (hasher.finish() % self.workers.len() as u64) as usize;
-        if let Err(mpsc::error::SendError(job)) = self.workers[index].send(job).await {
-            // The worker thread ended, which only happens when it panicked.
-            // Leaving the message unacknowledged lets the broker redeliver it.
-            tracing::error!(pipeline = %self.config.name, worker = index, topic = %job.message.topic, "worker is gone; message left unacknowledged");
-        }
+        (hasher.finish() % self.workers.len() as u64) as usize
     }
-}
 
-/// The stages of one worker: each stage's plugin and its live instance.
-struct Worker {
-    pipeline: String,
-    plugins: Vec<Arc<LoadedPlugin>>,
-    /// `None` after a trap, until the next message creates a fresh one.
-    instances: Vec<Option<StageInstance>>,
-    processed_by: Arc<[String]>,
-}
-
-impl Worker {
-    /// Plugin calls are synchronous and run on this dedicated thread, so a
-    /// slow plugin never blocks the tokio runtime.
-    fn run(mut self, mut jobs: mpsc::Receiver<Job>, results: mpsc::Sender<Processed>) {
-        while let Some(job) = jobs.blocking_recv() {
-            let result = self.run_chain(job.message.clone());
-            let processed = Processed { job, result, processed_by: self.processed_by.clone() };
-            if results.blocking_send(processed).is_err() {
-                break;
+    /// Queues `job` on worker `worker` if its queue has room, and returns
+    /// the job otherwise.
+    pub fn try_dispatch(&self, worker: usize, job: Job) -> Result<(), Job> {
+        match self.workers[worker].try_send(job) {
+            Ok(()) => {
+                stats::add(&self.stats.received, 1);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(job)) => Err(job),
+            Err(mpsc::error::TrySendError::Closed(job)) => {
+                // The worker thread ended: the supervisor escalated and the
+                // host is stopping. Unacknowledged, the message comes back
+                // in the next session.
+                tracing::error!(pipeline = %self.config.name, worker, topic = %job.message.topic, "worker is gone; message left unacknowledged");
+                Ok(())
             }
         }
     }
 
-    fn run_chain(&mut self, message: Message) -> ChainResult {
+    /// Waits until worker `worker` has room for one more job.
+    pub async fn ready(&self, worker: usize) {
+        // Reserving and dropping the permit at once wakes when there is
+        // room; the job itself goes through `try_dispatch` afterwards,
+        // which only the source calls, so the room is still there.
+        let _ = self.workers[worker].reserve().await;
+    }
+}
+
+/// Runs one worker: takes jobs in order, runs the chain, passes results on.
+///
+/// Supervision: a panic in the host's own code while handling a message is
+/// caught here, the worker's instances are rebuilt (a one-for-one restart
+/// that keeps the queue and so the order), and the message is left
+/// unacknowledged, so the broker delivers it again on the next session. The
+/// shared [`Supervisor`](crate::supervisor::Supervisor) decides when restarts
+/// are too frequent and stops the host.
+fn run_worker(
+    name: &str,
+    mut chain: Chain,
+    mut jobs: mpsc::Receiver<Job>,
+    results: mpsc::Sender<Processed>,
+    supervisor: &crate::supervisor::Supervisor,
+) {
+    while let Some(job) = jobs.blocking_recv() {
+        let message = job.message.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chain.run(message)));
+        let result = match outcome {
+            Ok(result) => result,
+            Err(panic) => {
+                let reason = crate::supervisor::panic_text(&panic);
+                if !supervisor.restarted(name, &reason) {
+                    return;
+                }
+                chain.reset();
+                continue;
+            }
+        };
+        if results.blocking_send(Processed { job, result }).is_err() {
+            break;
+        }
+    }
+}
+
+/// The stages as one worker runs them: the shared stages and this worker's
+/// own instance of each.
+pub struct Chain {
+    pipeline: String,
+    stages: Arc<[Stage]>,
+    /// `None` after a trap, until the next message creates a fresh one.
+    instances: Vec<Option<StageInstance>>,
+    stats: Arc<PipelineStats>,
+}
+
+impl Chain {
+    pub fn new(pipeline: String, stages: Arc<[Stage]>, stats: Arc<PipelineStats>) -> Self {
+        let instances = stages.iter().map(|_| None).collect();
+        Self { pipeline, stages, instances, stats }
+    }
+
+    /// Creates every stage's instance now, so that a plugin that cannot
+    /// start fails the pipeline's start instead of its first message.
+    ///
+    /// # Errors
+    ///
+    /// The first stage that fails to instantiate.
+    pub fn instantiate_all(&mut self) -> Result<(), crate::wasm::LoadError> {
+        for (slot, stage) in self.instances.iter_mut().zip(self.stages.iter()) {
+            *slot = Some(stage.plugin.instantiate()?);
+        }
+        Ok(())
+    }
+
+    /// Drops every instance; the next message creates fresh ones.
+    fn reset(&mut self) {
+        self.instances.iter_mut().for_each(|slot| *slot = None);
+    }
+
+    /// Runs `message` through every stage in order.
+    pub fn run(&mut self, message: Message) -> ChainResult {
+        if let Some(limit) = message.headers.iter().find(|(k, _)| k == crate::source::OVERSIZED_HEADER) {
+            return ChainResult::Failed {
+                stage: "source".to_owned(),
+                kind: FailureKind::Invalid,
+                reason: format!(
+                    "payload of {} bytes exceeds mqtt.max_packet_bytes ({} bytes); raise the limit or fix the device",
+                    message.payload.len(),
+                    limit.1
+                ),
+            };
+        }
         let mut current = vec![message];
-        for index in 0..self.plugins.len() {
+        let mut processed_by = Vec::with_capacity(self.stages.len());
+        let stages = self.stages.clone();
+        for (index, stage) in stages.iter().enumerate() {
             let mut next = Vec::with_capacity(current.len());
             let mut drop_reason = None;
+            let mut skipped = false;
             for message in &current {
                 match self.call_stage(index, message) {
-                    Ok(Outcome::Forward(out)) => next.push(out),
-                    Ok(Outcome::FanOut(outs)) => next.extend(outs),
-                    Ok(Outcome::Drop(reason)) => drop_reason = Some(reason),
-                    Err((kind, reason)) => {
-                        return ChainResult::Failed { stage: self.plugins[index].name.clone(), kind, reason }
+                    StageResult::Outcome(Outcome::Forward(out)) => next.push(out),
+                    StageResult::Outcome(Outcome::FanOut(outs)) => next.extend(outs),
+                    StageResult::Outcome(Outcome::Drop(reason)) => drop_reason = Some(reason),
+                    StageResult::Skipped => {
+                        skipped = true;
+                        next.push(message.clone());
+                    }
+                    StageResult::Failed(kind, reason) => {
+                        return ChainResult::Failed { stage: stage.plugin.name.clone(), kind, reason }
                     }
                 }
             }
             if next.is_empty() {
                 let reason = drop_reason.unwrap_or_else(|| "the stage fanned out to no messages".to_owned());
-                return ChainResult::Dropped { stage: self.plugins[index].name.clone(), reason };
+                return ChainResult::Dropped { stage: stage.plugin.name.clone(), reason };
             }
+            let version = if skipped { "skipped" } else { stage.plugin.info.version.as_str() };
+            processed_by.push(format!("{}@{version}", stage.plugin.name));
             current = next;
         }
-        ChainResult::Outputs(current)
+        ChainResult::Outputs { messages: current, processed_by }
+    }
+
+    /// Calls one stage through its breaker. A refused call follows the
+    /// stage's open policy; an allowed one retries transient errors.
+    fn call_stage(&mut self, index: usize, message: &Message) -> StageResult {
+        let stages = self.stages.clone();
+        let stage = &stages[index];
+        loop {
+            let (permit, transition) = stage.breaker().permit(std::time::Instant::now());
+            self.report(index, transition);
+            match permit {
+                Permit::Allowed | Permit::Trial => break,
+                Permit::Refused { retry_at } => match stage.on_open {
+                    OpenPolicy::DeadLetter => {
+                        return StageResult::Failed(
+                            FailureKind::CircuitOpen,
+                            format!("circuit breaker of stage \"{}\" is open", stage.plugin.name),
+                        )
+                    }
+                    OpenPolicy::Skip => return StageResult::Skipped,
+                    OpenPolicy::Pause => {
+                        // Holding the message here stops this worker, and
+                        // through the bounded queues, the source.
+                        std::thread::sleep(retry_at.saturating_duration_since(std::time::Instant::now()));
+                    }
+                },
+            }
+        }
+
+        let result = self.call_with_retries(index, message);
+        let transition = match &result {
+            Err((FailureKind::Trap | FailureKind::Timeout | FailureKind::Transient, _)) => {
+                stage.breaker().record_failure(std::time::Instant::now())
+            }
+            _ => stage.breaker().record_success(),
+        };
+        self.report(index, transition);
+        match result {
+            Ok(outcome) => StageResult::Outcome(outcome),
+            Err((kind, reason)) => StageResult::Failed(kind, reason),
+        }
+    }
+
+    fn report(&self, index: usize, transition: Option<Transition>) {
+        let Some(Transition { from, to }) = transition else { return };
+        let stage = &self.stages[index].plugin.name;
+        if to == BreakerState::Open {
+            stats::add(&self.stats.breaker_opened, 1);
+            tracing::warn!(pipeline = %self.pipeline, stage, from = from.as_str(), "stage circuit breaker opened");
+        } else {
+            tracing::info!(pipeline = %self.pipeline, stage, from = from.as_str(), to = to.as_str(), "stage circuit breaker changed state");
+        }
     }
 
     /// Calls one stage, retrying transient errors with exponential backoff
     /// and jitter. A trap or timeout discards the instance.
-    fn call_stage(&mut self, index: usize, message: &Message) -> Result<Outcome, (FailureKind, String)> {
-        let plugin = self.plugins[index].clone();
+    fn call_with_retries(&mut self, index: usize, message: &Message) -> Result<Outcome, (FailureKind, String)> {
+        let stage = &self.stages[index];
+        let plugin = stage.plugin.clone();
         let pipeline = self.pipeline.clone();
         let slot = &mut self.instances[index];
         let attempt = || -> Result<Outcome, (FailureKind, String)> {
@@ -247,7 +416,7 @@ impl Worker {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(10))
             .with_max_delay(Duration::from_millis(500))
-            .with_max_times(TRANSIENT_RETRIES)
+            .with_max_times(stage.max_retries)
             .with_jitter();
         attempt
             .retry(backoff)
@@ -257,13 +426,20 @@ impl Worker {
     }
 }
 
+enum StageResult {
+    Outcome(Outcome),
+    /// The breaker is open and the policy is to skip the stage.
+    Skipped,
+    Failed(FailureKind, String),
+}
+
 /// Writes results to the sinks in batches, stores dead letters, and only
 /// then releases the acknowledgements of the batch.
 async fn sink_loop(
     pipeline: String,
     mut results: mpsc::Receiver<Processed>,
-    sinks: Vec<(String, Arc<Sink>)>,
-    dead_letters: Arc<DeadLetterFile>,
+    sinks: Vec<Arc<Sink>>,
+    dead_letters: Arc<DeadLetterStore>,
     stats: Arc<PipelineStats>,
 ) {
     let mut batch = Vec::with_capacity(SINK_BATCH);
@@ -274,11 +450,11 @@ async fn sink_loop(
         let mut records = 0;
         for processed in &batch {
             match &processed.result {
-                ChainResult::Outputs(outputs) => {
-                    match write_outputs(&pipeline, &sinks, outputs, &processed.processed_by).await {
+                ChainResult::Outputs { messages, processed_by } => {
+                    match write_outputs(&pipeline, &sinks, messages, processed_by).await {
                         Ok(()) => {
                             delivered += 1;
-                            records += outputs.len() as u64;
+                            records += messages.len() as u64;
                         }
                         Err((stage, reason)) => letters.push(DeadLetter {
                             pipeline: pipeline.clone(),
@@ -286,6 +462,7 @@ async fn sink_loop(
                             kind: FailureKind::Sink,
                             reason,
                             message: processed.job.message.clone(),
+                            topic_bytes: None,
                         }),
                     }
                 }
@@ -301,15 +478,20 @@ async fn sink_loop(
                         kind: *kind,
                         reason: reason.clone(),
                         message: processed.job.message.clone(),
+                        topic_bytes: None,
                     });
                 }
             }
         }
 
-        flush_sinks(&sinks).await;
+        for sink in &sinks {
+            if let SinkTarget::File(file) = &sink.target {
+                write_through_breaker(&pipeline, sink, || file.lock().unwrap_or_else(|e| e.into_inner()).flush()).await;
+            }
+        }
         if !letters.is_empty() {
             let letters: Vec<&DeadLetter> = letters.iter().collect();
-            retry_until_ok("dead-letter file", || dead_letters.append(&letters)).await;
+            retry_until_ok("dead-letter store", || dead_letters.append(&letters)).await;
         }
 
         stats::add(&stats.delivered, delivered);
@@ -327,40 +509,41 @@ async fn sink_loop(
 /// is either delivered in full or dead-lettered.
 async fn write_outputs(
     pipeline: &str,
-    sinks: &[(String, Arc<Sink>)],
+    sinks: &[Arc<Sink>],
     outputs: &[Message],
     processed_by: &[String],
 ) -> Result<(), (String, String)> {
     let mut topics = Vec::new();
-    for (name, sink) in sinks {
-        if let Sink::Mqtt(mqtt) = &**sink {
+    for sink in sinks {
+        if let SinkTarget::Mqtt(mqtt) = &sink.target {
             for message in outputs {
-                let topic = mqtt.topic.render(pipeline, message).map_err(|reason| (format!("sink:{name}"), reason))?;
+                let topic =
+                    mqtt.topic.render(pipeline, message).map_err(|reason| (format!("sink:{}", sink.name), reason))?;
                 topics.push(topic);
             }
         }
     }
 
     let mut topics = topics.into_iter();
-    for (name, sink) in sinks {
-        match &**sink {
-            Sink::File(file) => {
+    for sink in sinks {
+        match &sink.target {
+            SinkTarget::File(file) => {
                 let lines: Vec<serde_json::Value> = outputs
                     .iter()
                     .map(|message| crate::sink::record_json(&Record { pipeline, message, processed_by }))
                     .collect();
-                retry_until_ok(name, || {
+                write_through_breaker(pipeline, sink, || {
                     let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
                     lines.iter().try_for_each(|line| file.write_json(line))
                 })
                 .await;
             }
-            Sink::Mqtt(mqtt) => {
+            SinkTarget::Mqtt(mqtt) => {
                 for message in outputs {
                     let topic = topics.next().expect("one topic was rendered per output");
                     if let Err(e) = mqtt.publish(topic, message.payload.clone()).await {
                         // Only fails once the client is closed, at shutdown.
-                        tracing::error!(pipeline, sink = %name, error = %e, "republish failed");
+                        tracing::error!(pipeline, sink = %sink.name, error = %e, "republish failed");
                     }
                 }
             }
@@ -369,16 +552,58 @@ async fn write_outputs(
     Ok(())
 }
 
-async fn flush_sinks(sinks: &[(String, Arc<Sink>)]) {
-    for (name, sink) in sinks {
-        if let Sink::File(file) = &**sink {
-            retry_until_ok(name, || file.lock().unwrap_or_else(|e| e.into_inner()).flush()).await;
+/// Retries a sink write with capped exponential backoff until it succeeds,
+/// through the sink's circuit breaker: after repeated failures the breaker
+/// opens and the sink is left alone for the cool-down. Nothing is
+/// acknowledged meanwhile, so the broker holds the messages, and the
+/// pipeline stops taking new ones because its queues fill.
+async fn write_through_breaker<E: std::fmt::Display>(
+    pipeline: &str,
+    sink: &Sink,
+    mut write: impl FnMut() -> Result<(), E>,
+) {
+    let mut backoff = crate::source::ReconnectBackoff::new();
+    loop {
+        let permit = {
+            let mut breaker = sink.breaker.lock().unwrap_or_else(|e| e.into_inner());
+            let (permit, transition) = breaker.permit(std::time::Instant::now());
+            log_sink_transition(pipeline, &sink.name, transition);
+            permit
+        };
+        if let Permit::Refused { retry_at } = permit {
+            tokio::time::sleep_until(retry_at.into()).await;
+            continue;
+        }
+        let result = write();
+        let transition = {
+            let mut breaker = sink.breaker.lock().unwrap_or_else(|e| e.into_inner());
+            match &result {
+                Ok(()) => breaker.record_success(),
+                Err(_) => breaker.record_failure(std::time::Instant::now()),
+            }
+        };
+        log_sink_transition(pipeline, &sink.name, transition);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(pipeline, sink = %sink.name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink write failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
         }
     }
 }
 
-/// Retries a sink write with capped exponential backoff until it succeeds.
-/// Nothing is acknowledged meanwhile, so the broker holds the messages.
+fn log_sink_transition(pipeline: &str, sink: &str, transition: Option<Transition>) {
+    let Some(Transition { from, to }) = transition else { return };
+    if to == BreakerState::Open {
+        tracing::warn!(pipeline, sink, from = from.as_str(), "sink circuit breaker opened; the pipeline holds its messages");
+    } else {
+        tracing::info!(pipeline, sink, from = from.as_str(), to = to.as_str(), "sink circuit breaker changed state");
+    }
+}
+
+/// Retries a write with capped exponential backoff until it succeeds.
 async fn retry_until_ok<E: std::fmt::Display>(what: &str, mut write: impl FnMut() -> Result<(), E>) {
     let mut backoff = crate::source::ReconnectBackoff::new();
     loop {
@@ -386,7 +611,7 @@ async fn retry_until_ok<E: std::fmt::Display>(what: &str, mut write: impl FnMut(
             Ok(()) => return,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::error!(sink = what, error = %e, retry_in_ms = delay.as_millis() as u64, "sink write failed; retrying");
+                tracing::error!(target_store = what, error = %e, retry_in_ms = delay.as_millis() as u64, "write failed; retrying");
                 tokio::time::sleep(delay).await;
             }
         }

@@ -160,9 +160,16 @@ pub fn record_json(record: &Record<'_>) -> serde_json::Value {
 
 /// Appends JSON lines to a file through a buffer; [`FileSink::flush`]
 /// makes a batch durable in the OS before its messages are acknowledged.
+///
+/// The file is opened again when it was moved or deleted (log rotation), and
+/// a write fails while the path cannot be opened, for example when its
+/// folder is gone: the pipeline then holds its messages until it can write.
 pub struct FileSink {
     path: PathBuf,
-    writer: BufWriter<File>,
+    writer: Option<BufWriter<File>>,
+    /// Whether the path was checked against the open file since the last
+    /// flush; checking once per batch keeps two `stat` calls off every line.
+    verified: bool,
 }
 
 impl FileSink {
@@ -172,27 +179,88 @@ impl FileSink {
     ///
     /// Returns the I/O error with the path.
     pub fn open(path: &Path) -> Result<Self, SinkError> {
-        let io = |source| SinkError::Io { path: path.to_owned(), source };
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
+            std::fs::create_dir_all(parent).map_err(|source| SinkError::Io { path: path.to_owned(), source })?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-        Ok(Self { path: path.to_owned(), writer: BufWriter::with_capacity(256 * 1024, file) })
+        let mut sink = Self { path: path.to_owned(), writer: None, verified: false };
+        sink.writer()?;
+        Ok(sink)
+    }
+
+    /// The open writer, opening the file first when there is none or when
+    /// the path no longer names the open file.
+    fn writer(&mut self) -> Result<&mut BufWriter<File>, SinkError> {
+        let io = |source| SinkError::Io { path: self.path.clone(), source };
+        let stale = match &self.writer {
+            None => true,
+            Some(_) if self.verified => false,
+            Some(writer) => !same_file(writer.get_ref(), &self.path),
+        };
+        self.verified = true;
+        if stale {
+            if let Some(mut old) = self.writer.take() {
+                // The data belongs to the moved file; losing it only means
+                // the unacknowledged messages come back from the broker.
+                let _ = old.flush();
+            }
+            let mut file = OpenOptions::new().create(true).append(true).read(true).open(&self.path).map_err(io)?;
+            end_with_newline(&mut file).map_err(io)?;
+            self.writer = Some(BufWriter::with_capacity(256 * 1024, file));
+        }
+        Ok(self.writer.as_mut().expect("the writer was just opened"))
     }
 
     pub fn write_json(&mut self, value: &serde_json::Value) -> Result<(), SinkError> {
-        let io = |source| SinkError::Io { path: self.path.clone(), source };
-        serde_json::to_writer(&mut self.writer, value).map_err(|e| io(e.into()))?;
-        self.writer.write_all(b"\n").map_err(io)
+        let path = self.path.clone();
+        let io = |source| SinkError::Io { path: path.clone(), source };
+        let writer = self.writer()?;
+        serde_json::to_writer(&mut *writer, value).map_err(|e| io(e.into()))?;
+        writer.write_all(b"\n").map_err(io)
     }
 
     pub fn flush(&mut self) -> Result<(), SinkError> {
-        self.writer.flush().map_err(|source| SinkError::Io { path: self.path.clone(), source })
+        let path = self.path.clone();
+        let result = self.writer()?.flush();
+        self.verified = false;
+        if result.is_err() {
+            // Start over with a fresh handle on the next attempt.
+            self.writer = None;
+        }
+        result.map_err(|source| SinkError::Io { path, source })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Tells whether `path` still names the open `file`.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// Appends a newline when the file ends inside a line, which a host killed
+/// in the middle of a write leaves behind, so that the torn line stays one
+/// line of its own and the next record starts cleanly.
+fn end_with_newline(file: &mut File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+
+    let length = file.metadata()?.len();
+    if length == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(length - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,8 +322,31 @@ impl MqttSink {
     }
 }
 
-/// One configured sink of a pipeline.
-pub enum Sink {
+/// One configured sink: where it writes and its circuit breaker.
+pub struct Sink {
+    pub name: String,
+    pub target: SinkTarget,
+    /// Shared by every pipeline that writes to this sink; locked only to
+    /// ask for a permit or record a result.
+    pub breaker: std::sync::Mutex<crate::breaker::CircuitBreaker>,
+}
+
+/// The kinds of sink target.
+pub enum SinkTarget {
     File(std::sync::Mutex<FileSink>),
     Mqtt(MqttSink),
+}
+
+impl Sink {
+    pub fn new(name: String, target: SinkTarget, breaker: &crate::config::SinkBreakerConfig) -> Self {
+        let breaker = crate::breaker::CircuitBreaker::new(
+            breaker.failure_threshold,
+            Duration::from_millis(breaker.cool_down_ms),
+        );
+        Self { name, target, breaker: std::sync::Mutex::new(breaker) }
+    }
+
+    pub fn breaker_state(&self) -> crate::breaker::BreakerState {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
 }

@@ -2,11 +2,12 @@
 //! filters, routes each message to the pipelines whose filters match, and
 //! acknowledges it once they are all done.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 
 use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline};
@@ -55,12 +56,19 @@ pub struct SourceOptions {
     pub max_packet_bytes: usize,
 }
 
+/// Largest packet MQTT can encode: a remaining length of 268,435,455 bytes.
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
 /// Connects and returns the client and its event loop. Acknowledgements are
 /// manual: the host sends PUBACK only after the sinks took a message.
 pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
     let mut mqtt = MqttOptions::new(options.client_id.clone(), options.host.clone(), options.port);
     mqtt.set_keep_alive(options.keep_alive);
-    mqtt.set_max_packet_size(options.max_packet_bytes, options.max_packet_bytes);
+    // The client accepts packets up to the protocol's maximum, and the
+    // router dead-letters payloads over the configured limit. A limit in the
+    // client would fail the whole connection instead, and the broker would
+    // deliver the same message again after every reconnect, forever.
+    mqtt.set_max_packet_size(MQTT_MAX_PACKET, options.max_packet_bytes);
     mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
     AsyncClient::new(mqtt, 1024)
@@ -82,23 +90,63 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     connected: watch::Sender<bool>,
     acker: tokio::task::JoinHandle<()>,
+    max_payload_bytes: usize,
 ) {
     let ack_queue = AckQueue::new(acks);
     let mut backoff = ReconnectBackoff::new();
+    // Messages read from the broker and not yet taken by a worker, in
+    // arrival order. While it has room the event loop keeps being polled, so
+    // keepalive pings go out even when the pipelines are full. At QoS 1 and 2
+    // the broker's in-flight window bounds it; only a QoS 0 flood fills it,
+    // and then the source stops reading until the workers catch up.
+    let mut pending: VecDeque<Routed> = VecDeque::new();
+    let mut awaiting_subacks = 0usize;
     loop {
+        // Hand over what the workers have room for, oldest first.
+        while let Some(routed) = pending.pop_front() {
+            if let Err(job) = pipelines[routed.pipeline].try_dispatch(routed.worker, routed.job) {
+                pending.push_front(Routed { job, ..routed });
+                break;
+            }
+        }
+        let blocked = pending.front().map(|r| (r.pipeline, r.worker));
+
         let event = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => break,
-            event = eventloop.poll() => event,
+            () = async {
+                match blocked {
+                    Some((pipeline, worker)) => pipelines[pipeline].ready(worker).await,
+                    None => std::future::pending().await,
+                }
+            } => continue,
+            event = eventloop.poll(), if pending.len() < MAX_PENDING => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => route(&pipelines, publish, &ack_queue).await,
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                route(&pipelines, publish, &ack_queue, max_payload_bytes, &mut pending);
+            }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 tracing::info!(session_present = ack.session_present, "connected to the broker");
-                if !ack.session_present {
-                    subscribe(&client, &pipelines).await;
+                if ack.session_present {
+                    connected.send_replace(true);
+                } else {
+                    // Ready only once the broker confirmed every filter:
+                    // what is published before that reaches no subscriber.
+                    awaiting_subacks = subscribe(&client, &pipelines).await;
                 }
-                connected.send_replace(true);
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack.return_codes.iter().filter(|code| matches!(code, SubscribeReasonCode::Failure)).count();
+                if refused > 0 {
+                    tracing::error!(pkid = ack.pkid, refused, "the broker refused a subscription; check its ACL for this client");
+                } else {
+                    tracing::info!(pkid = ack.pkid, "subscribed");
+                }
+                awaiting_subacks = awaiting_subacks.saturating_sub(1);
+                if awaiting_subacks == 0 {
+                    connected.send_replace(true);
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -113,8 +161,11 @@ pub async fn run(
         }
     }
 
-    // Draining. Dropping the last handles of the pipelines and of the ack
-    // channel lets the workers, the sink tasks and then the acker finish.
+    // Draining. Messages still pending were never handed to a worker and
+    // stay unacknowledged. Dropping the last handles of the pipelines and of
+    // the ack channel lets the workers, the sink tasks and then the acker
+    // finish.
+    drop(pending);
     drop(pipelines);
     drop(ack_queue);
     let mut acker = acker;
@@ -138,22 +189,50 @@ pub async fn run(
     connected.send_replace(false);
 }
 
-async fn subscribe(client: &AsyncClient, pipelines: &[Pipeline]) {
+/// Subscribes every pipeline's filters, one request each, and returns how
+/// many requests were queued.
+async fn subscribe(client: &AsyncClient, pipelines: &[Pipeline]) -> usize {
+    let mut queued = 0;
     for pipeline in pipelines {
         for filter in &pipeline.config.topics {
             // The request only fails once the event loop is gone, and then
             // the next ConnAck subscribes again.
-            if let Err(e) = client.subscribe(filter.as_str(), pipeline.config.qos).await {
-                tracing::error!(pipeline = %pipeline.config.name, filter = %filter, error = %e, "subscribe request failed");
+            match client.subscribe(filter.as_str(), pipeline.config.qos).await {
+                Ok(()) => queued += 1,
+                Err(e) => {
+                    tracing::error!(pipeline = %pipeline.config.name, filter = %filter, error = %e, "subscribe request failed")
+                }
             }
         }
     }
+    queued
 }
 
-/// Routes one message to every pipeline with a matching filter.
-async fn route(pipelines: &[Pipeline], publish: rumqttc::Publish, acks: &Arc<AckQueue>) {
-    let matching: Vec<&Pipeline> =
-        pipelines.iter().filter(|p| p.config.topics.iter().any(|f| f.matches(&publish.topic))).collect();
+/// Most messages read from the broker but not yet taken by a worker.
+const MAX_PENDING: usize = 1000;
+
+/// A message bound for one worker of one pipeline.
+struct Routed {
+    pipeline: usize,
+    worker: usize,
+    job: Job,
+}
+
+/// Routes one message to every pipeline with a matching filter, appending
+/// one job per pipeline to `pending`.
+fn route(
+    pipelines: &[Pipeline],
+    publish: rumqttc::Publish,
+    acks: &Arc<AckQueue>,
+    max_payload_bytes: usize,
+    pending: &mut VecDeque<Routed>,
+) {
+    let matching: Vec<usize> = pipelines
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
+        .map(|(index, _)| index)
+        .collect();
     let ack = AckHandle::new(publish.clone(), matching.len().max(1), acks);
     if matching.is_empty() {
         // Can happen with overlapping subscriptions kept from an older
@@ -163,7 +242,7 @@ async fn route(pipelines: &[Pipeline], publish: rumqttc::Publish, acks: &Arc<Ack
         return;
     }
 
-    let message = Message {
+    let mut message = Message {
         topic: publish.topic.clone(),
         payload: publish.payload.to_vec(),
         qos: match publish.qos {
@@ -175,13 +254,22 @@ async fn route(pipelines: &[Pipeline], publish: rumqttc::Publish, acks: &Arc<Ack
         received_at_ms: crate::clock::now_ms(),
         headers: Vec::new(),
     };
+    if message.payload.len() > max_payload_bytes {
+        // Marked here, dead-lettered by the workers without calling a
+        // plugin, so that the stored message keeps its place in the order.
+        message.headers.push((OVERSIZED_HEADER.to_owned(), max_payload_bytes.to_string()));
+    }
     // NOTE: the device key is the topic, which is one device per topic in the
     // usual devices/{id}/... layout; keys taken from the payload are not
     // supported yet.
-    for pipeline in matching {
-        pipeline.dispatch(&publish.topic, Job { message: message.clone(), ack: ack.clone() }).await;
+    for index in matching {
+        let worker = pipelines[index].worker_for(&publish.topic);
+        pending.push_back(Routed { pipeline: index, worker, job: Job { message: message.clone(), ack: ack.clone() } });
     }
 }
+
+/// Header that marks a message whose payload exceeds `mqtt.max_payload_bytes`.
+pub const OVERSIZED_HEADER: &str = "eliot-oversized-limit";
 
 /// Sends the acknowledgements the pipelines release, until every sender is
 /// gone.

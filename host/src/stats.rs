@@ -16,6 +16,8 @@ pub struct PipelineStats {
     pub dropped: AtomicU64,
     /// Input messages stored as dead letters.
     pub dead_lettered: AtomicU64,
+    /// Times a stage's circuit breaker opened.
+    pub breaker_opened: AtomicU64,
 }
 
 impl PipelineStats {

@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::engine::{Runtime, EPOCH_TICK};
+use super::limiter::InstanceLimiter;
+use super::trap::describe_trap;
 use super::{eliot, Message, Outcome, Plugin, PluginError, PluginInfo, PluginPre};
-use crate::config::{PluginConfig, PluginLimits};
+use crate::config::{Grants, PluginConfig, PluginLimits, StageBreakerConfig};
 
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +50,7 @@ pub type PluginCounters = Arc<Mutex<BTreeMap<String, u64>>>;
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: InstanceLimiter,
     plugin: Arc<str>,
     counters: PluginCounters,
 }
@@ -95,6 +97,9 @@ pub struct LoadedPlugin {
     pub path: PathBuf,
     pub info: PluginInfo,
     pub limits: PluginLimits,
+    pub breaker: StageBreakerConfig,
+    pub grants: Grants,
+    pub max_retries: usize,
     pub counters: PluginCounters,
     config_json: String,
     pre: PluginPre<StoreState>,
@@ -138,6 +143,9 @@ impl LoadedPlugin {
             path: config.path.clone(),
             info: PluginInfo { name: String::new(), version: String::new() },
             limits: config.limits.clone(),
+            breaker: config.breaker.clone(),
+            grants: config.grants.clone(),
+            max_retries: config.max_retries,
             counters: PluginCounters::default(),
             config_json: config.config.to_string(),
             pre,
@@ -156,16 +164,9 @@ impl LoadedPlugin {
     /// [`LoadError::Trapped`] when instantiation or `init` traps.
     pub fn instantiate(&self) -> Result<StageInstance, LoadError> {
         let trapped = |e: wasmtime::Error| LoadError::Trapped { plugin: self.name.clone(), reason: format!("{e:#}") };
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(self.limits.memory_mib * 1024 * 1024).unwrap_or(usize::MAX))
-            .instances(64)
-            .tables(64)
-            .table_elements(100_000)
-            .build();
+        let limits = InstanceLimiter::new(self.limits.memory_mib);
         let state = StoreState {
-            // Nothing is granted: no args, no environment, no preopens, no
-            // network, and no stdio (the plugin logs through the log import).
-            wasi: WasiCtxBuilder::new().build(),
+            wasi: self.wasi_context()?,
             table: ResourceTable::new(),
             limits,
             plugin: Arc::from(self.name.as_str()),
@@ -186,6 +187,34 @@ impl LoadedPlugin {
     }
 }
 
+impl LoadedPlugin {
+    /// WASI with only what the config grants. By default nothing: no args,
+    /// no environment, no folders, no sockets, no stdio (the plugin logs
+    /// through the log import).
+    fn wasi_context(&self) -> Result<WasiCtx, LoadError> {
+        let mut builder = WasiCtxBuilder::new();
+        for name in &self.grants.env {
+            if let Ok(value) = std::env::var(name) {
+                builder.env(name, value);
+            }
+        }
+        for dir in &self.grants.read_dirs {
+            builder
+                .preopened_dir(&dir.host, &dir.guest, wasmtime_wasi::FsPerms::ReadOnly)
+                .map_err(|e| LoadError::Trapped {
+                    plugin: self.name.clone(),
+                    reason: format!("cannot open granted folder {}: {e:#}", dir.host.display()),
+                })?;
+        }
+        if self.grants.network {
+            // In wasmtime-wasi 48 `inherit_network` alone still denies TCP
+            // and UDP; each needs its own switch.
+            builder.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
+        }
+        Ok(builder.build())
+    }
+}
+
 fn budget_ticks(budget_ms: u64) -> u64 {
     let tick_ms = EPOCH_TICK.as_millis() as u64;
     budget_ms.div_ceil(tick_ms) + 1
@@ -200,7 +229,7 @@ pub struct StageInstance {
 
 impl StageInstance {
     fn describe(&mut self) -> Result<PluginInfo, CallError> {
-        self.store.set_epoch_deadline(budget_ticks(self.budget_ms));
+        self.start_call();
         let result = self.bindings.eliot_plugin_processor().call_describe(&mut self.store);
         result.map_err(|e| self.classify(e))
     }
@@ -212,15 +241,30 @@ impl StageInstance {
     /// The outer error is a trap or timeout: the instance must be discarded.
     /// The inner `Result` is the plugin's own answer.
     pub fn process(&mut self, message: &Message) -> Result<Result<Outcome, PluginError>, CallError> {
-        self.store.set_epoch_deadline(budget_ticks(self.budget_ms));
+        self.start_call();
         let result = self.bindings.eliot_plugin_processor().call_process(&mut self.store, message);
         result.map_err(|e| self.classify(e))
     }
 
-    fn classify(&self, error: wasmtime::Error) -> CallError {
-        match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => CallError::Timeout { budget_ms: self.budget_ms },
-            _ => CallError::Trap(format!("{error:#}").lines().next().unwrap_or_default().to_owned()),
+    /// Sets the time budget of the next call and clears the record of a
+    /// denied memory growth, so that it refers to that call only.
+    fn start_call(&mut self) {
+        self.store.set_epoch_deadline(budget_ticks(self.budget_ms));
+        self.store.data_mut().limits.take_memory_denied();
+    }
+
+    fn classify(&mut self, error: wasmtime::Error) -> CallError {
+        if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
+            return CallError::Timeout { budget_ms: self.budget_ms };
         }
+        // The first line of `{error:#}` is only the header of the wasm
+        // backtrace, so the trap and where it happened are described here.
+        let mut reason = describe_trap(&error);
+        let limits = &mut self.store.data_mut().limits;
+        if limits.take_memory_denied() {
+            let limit_mib = limits.memory_limit_mib();
+            reason.push_str(&format!(", after a memory growth beyond the memory limit of {limit_mib} MiB was denied"));
+        }
+        CallError::Trap(reason)
     }
 }

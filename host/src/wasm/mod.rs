@@ -4,6 +4,8 @@
 
 mod engine;
 mod instance;
+mod limiter;
+mod trap;
 
 pub use engine::{Runtime, RuntimeError};
 pub use instance::{CallError, LoadError, LoadedPlugin, StageInstance};

@@ -1,0 +1,306 @@
+//! The `eliot` command line. `src/main.rs` only calls [`main`], so that the
+//! test crate can build the same command as its own binary.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, SinkKind};
+use crate::host::Host;
+use crate::simulate::{self, SimulateOptions};
+
+#[derive(Parser)]
+#[command(name = "eliot", version, about = "IoT ingestion host: MQTT in, Wasm plugin chain, sinks out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the host until SIGINT or SIGTERM.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/eliot.toml", env = "ELIOT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Quick start: build the example plugins, start the host with its
+    /// embedded broker, replay the bundled sensor data, report and exit.
+    Demo {
+        #[arg(long, short, default_value = "config/eliot.toml")]
+        config: PathBuf,
+        /// Messages per second the simulator sends; 0 for as fast as the
+        /// broker acknowledges.
+        #[arg(long, default_value_t = 5000)]
+        rate: u32,
+        /// Replay at most this many rows per device.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Replay the bundled sensor data to a broker as device telemetry.
+    Simulate {
+        /// Broker address, host:port.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: String,
+        /// Messages per second over all devices; 0 for as fast as the broker
+        /// acknowledges.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Replay at most this many rows per device.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// QoS of the published messages: 0, 1 or 2.
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
+    /// Validate the configuration and load every plugin, without connecting.
+    Check {
+        #[arg(long, short, default_value = "config/eliot.toml", env = "ELIOT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Plugin tooling.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+    /// List, show, replay or purge the stored dead letters.
+    DeadLetters {
+        #[command(subcommand)]
+        command: crate::deadletter::cli::DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Build Rust plugin crates of this workspace into components and copy
+    /// them into a plugin folder.
+    Build {
+        /// Cargo packages to build; the example plugins when none is given.
+        packages: Vec<String>,
+        /// Folder to copy the components into.
+        #[arg(long, default_value = "target/plugins")]
+        out: PathBuf,
+    },
+}
+
+/// Parses the arguments, runs the command and returns the exit code.
+pub fn main() -> ExitCode {
+    crate::init_logging();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => run(&config).await,
+        Command::Demo { config, rate, limit } => demo(&config, rate, limit).await,
+        Command::Simulate { broker, rate, limit, qos } => {
+            let (host, port) = crate::broker::parse_address(&broker)
+                .with_context(|| format!("--broker \"{broker}\" is not host:port, for example 127.0.0.1:1883"))?;
+            let qos = rumqttc::qos(qos).map_err(|_| anyhow::anyhow!("--qos {qos} does not exist; use 0, 1 or 2"))?;
+            let options = SimulateOptions { host, port, rate, limit, qos, client_id: "eliot-simulator".to_owned() };
+            let sent = simulate::replay(&options).await?;
+            tracing::info!(messages = sent, broker = %broker, "replay finished");
+            Ok(())
+        }
+        Command::Check { config } => check(&config).await,
+        Command::DeadLetters { command } => crate::deadletter::cli::execute(command).await,
+        Command::Plugin { command: PluginCommand::Build { packages, out } } => {
+            let cwd = std::env::current_dir()?;
+            let workspace = crate::plugin_build::workspace_root(&cwd)
+                .context("no cargo workspace found above the current folder; run this inside the repository")?;
+            let packages = if packages.is_empty() {
+                crate::plugin_build::EXAMPLE_PLUGINS.iter().map(|p| (*p).to_owned()).collect()
+            } else {
+                packages
+            };
+            for path in crate::plugin_build::build(&workspace, &packages, &out)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))
+}
+
+async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let host = Host::start(config).await?;
+    tracing::info!(broker = %host.broker, "eliot is running; stop it with Ctrl-C or SIGTERM");
+    let mut escalation = host.supervisor.escalation();
+    let escalated = tokio::select! {
+        result = wait_for_signal() => {
+            result?;
+            None
+        }
+        reason = escalation.wait_for(Option::is_some) => reason.ok().and_then(|r| r.clone()),
+    };
+    host.shutdown(Duration::from_secs(30)).await;
+    match escalated {
+        None => {
+            tracing::info!("eliot stopped");
+            Ok(())
+        }
+        Some(reason) => anyhow::bail!("stopped by the supervisor: {reason}"),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+async fn check(config_path: &Path) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let runtime = crate::wasm::Runtime::new(&config.cache_dir)?;
+    let mut problems = Vec::new();
+    for plugin in config.plugins.values() {
+        match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
+            Ok(loaded) => println!("ok: plugin \"{}\" {} {}", plugin.name, loaded.info.name, loaded.info.version),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        println!("{}: configuration is valid", config_path.display());
+        Ok(())
+    } else {
+        anyhow::bail!("{} plugin(s) failed to load:\n  {}", problems.len(), problems.join("\n  "))
+    }
+}
+
+/// The quick start.
+async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir()?;
+    let workspace = crate::plugin_build::workspace_root(&cwd)
+        .context("`eliot demo` builds the example plugins and must run inside the repository")?;
+
+    // Step 1: build the example plugins into the configured plugin folder.
+    // The config cannot be validated before that, because it checks that
+    // the plugin files exist.
+    let plugin_dir = plugin_dir_of(config_path)?;
+    let packages: Vec<String> = crate::plugin_build::EXAMPLE_PLUGINS.iter().map(|p| (*p).to_owned()).collect();
+    tracing::info!(dir = %plugin_dir.display(), "building the example plugins");
+    crate::plugin_build::build(&workspace, &packages, &plugin_dir)?;
+
+    // Step 2: start the host on a fresh output, so the counts below are this
+    // run's alone.
+    let config = load_config(config_path)?;
+    let mut outputs = vec![config.dead_letter_path.clone()];
+    for sink in config.sinks.values() {
+        if let SinkKind::File { path } = &sink.kind {
+            outputs.push(path.clone());
+        }
+    }
+    for path in &outputs {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove the old output {}", path.display())),
+        }
+    }
+    let mut host = Host::start(config.clone()).await?;
+    if !host.wait_connected(Duration::from_secs(10)).await {
+        anyhow::bail!("the host did not connect to the broker at {} within 10 s", host.broker);
+    }
+
+    // Step 3: replay the bundled data.
+    let options = SimulateOptions {
+        host: host.broker.ip().to_string(),
+        port: host.broker.port(),
+        rate,
+        limit,
+        qos: rumqttc::QoS::AtLeastOnce,
+        client_id: "eliot-simulator".to_owned(),
+    };
+    tracing::info!(rate, "replaying the bundled sensor data");
+    let replay = tokio::spawn(async move { simulate::replay(&options).await });
+
+    // Step 4: report progress until every published message is accounted
+    // for, or the bounded wait ends.
+    let started = Instant::now();
+    let mut published = None;
+    let mut replay = Some(replay);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(task) = replay.as_ref().filter(|t| t.is_finished()) {
+            let _ = task;
+            published = Some(replay.take().expect("checked above").await??);
+        }
+        let snapshot = host.snapshot();
+        for (name, stats) in &snapshot {
+            tracing::info!(
+                pipeline = %name,
+                received = stats.received,
+                delivered = stats.delivered,
+                dropped = stats.dropped,
+                dead_lettered = stats.dead_lettered,
+                "progress"
+            );
+        }
+        let finished: u64 = snapshot.values().map(|s| s.delivered + s.dropped + s.dead_lettered).sum();
+        if published.is_some_and(|p| finished >= p) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            tracing::warn!("gave up waiting after 600 s; the counts above are incomplete");
+            break;
+        }
+    }
+    let snapshot = host.snapshot();
+    host.shutdown(Duration::from_secs(30)).await;
+
+    println!();
+    println!("Eliot demo finished: {} messages published from the bundled data.", published.unwrap_or(0));
+    for (name, stats) in &snapshot {
+        println!(
+            "  pipeline {name}: {} received, {} delivered ({} records), {} dropped, {} dead-lettered",
+            stats.received, stats.delivered, stats.records_out, stats.dropped, stats.dead_lettered
+        );
+    }
+    for (name, sink) in &config.sinks {
+        match &sink.kind {
+            SinkKind::File { path } => println!("  sink {name}: {}", path.display()),
+            SinkKind::Mqtt { .. } => println!("  sink {name}: republished on the embedded broker"),
+        }
+    }
+    println!("  dead letters: {}", config.dead_letter_path.display());
+    Ok(())
+}
+
+/// Reads `runtime.plugin_dir` from the config file without validating the
+/// rest, which needs the plugins to exist.
+fn plugin_dir_of(config_path: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}; pass --config", config_path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", config_path.display()))?;
+    let base = config_path.parent().unwrap_or(Path::new(""));
+    let dir = table
+        .get("runtime")
+        .and_then(|r| r.get("plugin_dir"))
+        .and_then(|d| d.as_str())
+        .unwrap_or("plugins");
+    Ok(base.join(dir))
+}
