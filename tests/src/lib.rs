@@ -3,7 +3,9 @@
 //! - [`broker`]: a real Mosquitto broker on a free loopback port.
 //! - [`mqtt`]: an MQTT publisher that waits for every acknowledgement, and a
 //!   subscriber that collects messages.
-//! - [`plugins`]: builds the example plugin components for `wasm32-wasip2`.
+//! - [`plugins`]: builds the example plugin components, and the misbehaving
+//!   test plugins of `tests/plugins/`, for `wasm32-wasip2`.
+//! - [`dead_letters`]: reads the host's dead-letter store.
 //! - [`data`]: the bundled sensor CSVs as the device messages the simulator
 //!   sends.
 //! - [`wait`]: bounded polling waits.
@@ -14,9 +16,12 @@
 use std::path::{Path, PathBuf};
 
 pub mod broker;
+pub mod config;
 pub mod data;
+pub mod dead_letters;
 pub mod mqtt;
 pub mod plugins;
+pub mod process;
 pub mod wait;
 
 pub use broker::{free_port, Mosquitto, MosquittoBuilder};

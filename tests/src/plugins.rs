@@ -41,6 +41,10 @@ pub fn build_examples() -> PathBuf {
         .clone()
 }
 
+/// Cargo packages of the misbehaving test plugins in `tests/plugins/`.
+pub const TEST_PLUGIN_PACKAGES: [&str; 4] =
+    ["loop-forever", "memory-hog", "flaky-panic", "sandbox-probe"];
+
 /// Builds one plugin package of the workspace, once per test process, and
 /// returns the path of its component in the plugin folder of
 /// [`build_examples`]. The file name is the library name with `.wasm`, for
@@ -50,6 +54,18 @@ pub fn build_examples() -> PathBuf {
 ///
 /// Panics with cargo's error output when the build fails.
 pub fn build_plugin(package: &str) -> PathBuf {
+    build_plugins(&[package]).remove(0)
+}
+
+/// Builds plugin packages of the workspace, each once per test process, and
+/// returns the paths of their components in the order of `packages`, as
+/// [`build_plugin`] does. The packages not built yet are built with one
+/// cargo call, which is much faster than one call per package.
+///
+/// # Panics
+///
+/// Panics with cargo's error output when the build fails.
+pub fn build_plugins(packages: &[&str]) -> Vec<PathBuf> {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let built = BUILT.get_or_init(Mutex::default);
     // Holding the lock during the build keeps two threads from building
@@ -57,12 +73,25 @@ pub fn build_plugin(package: &str) -> PathBuf {
     let mut built = built
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(path) = built.get(package) {
-        return path.clone();
+
+    let mut missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| !built.contains_key(*package))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if !missing.is_empty() {
+        let paths = build_components(&missing);
+        for (package, path) in missing.iter().zip(paths) {
+            built.insert((*package).to_owned(), path);
+        }
     }
-    let path = build_components(&[package]).remove(0);
-    built.insert(package.to_owned(), path.clone());
-    path
+
+    packages
+        .iter()
+        .map(|package| built[*package].clone())
+        .collect()
 }
 
 /// Builds `packages` with one cargo call and returns the paths of their

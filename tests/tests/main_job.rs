@@ -11,7 +11,7 @@ use eliot::host::Host;
 use eliot_tests::data::{expected_messages, DeviceMessage};
 use eliot_tests::plugins::build_examples;
 use eliot_tests::wait::read_complete_lines;
-use eliot_tests::{publish_all, Mosquitto, QoS, Subscriber};
+use eliot_tests::{dead_letters, publish_all, Mosquitto, QoS, Subscriber};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
@@ -32,7 +32,7 @@ plugin_dir = "{plugins}"
 cache_dir = "cache"
 
 [dead_letters]
-path = "out/dead-letters.jsonl"
+path = "out/dead-letters.sqlite"
 
 [plugins.enrich]
 file = "enrich.wasm"
@@ -219,7 +219,7 @@ async fn real_data_through_mosquitto() {
     let records = read_json_lines(&dir.path().join("out/processed.jsonl"));
     check_records(&records, &valid);
 
-    let letters = read_json_lines(&dir.path().join("out/dead-letters.jsonl"));
+    let letters = dead_letters::read_all(dir.path().join("out/dead-letters.sqlite"));
     assert_eq!(letters.len(), bad.len() - 1);
     for (topic, payload, reason) in &bad {
         let Some(reason) = reason else {
