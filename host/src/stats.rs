@@ -35,6 +35,7 @@ impl PipelineStats {
             records_out: self.records_out.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            breaker_opened: self.breaker_opened.load(Ordering::Relaxed),
         }
     }
 }
@@ -47,6 +48,7 @@ pub struct StatsSnapshot {
     pub records_out: u64,
     pub dropped: u64,
     pub dead_lettered: u64,
+    pub breaker_opened: u64,
 }
 
 pub fn add(counter: &AtomicU64, n: u64) {

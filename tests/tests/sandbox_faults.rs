@@ -10,6 +10,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use eliot::config::Config;
+use eliot::breaker::BreakerState;
 use eliot::host::Host;
 use eliot::stats::StatsSnapshot;
 use eliot_tests::data::{expected_messages, DeviceMessage};
@@ -511,5 +512,103 @@ config = { convert = { flow_lps = "flow_m3h" } }
         for (record, message) in actual.iter().zip(expected) {
             check_record(record, message);
         }
+    }
+}
+
+/// Publishes one message and waits until the pipeline finished it, so that
+/// each message sees the breaker state its predecessor left.
+async fn publish_one(setup: &Setup, message: (String, Vec<u8>), finished_before: u64) -> StatsSnapshot {
+    setup.publish(vec![message]).await;
+    setup.wait_finished(finished_before + 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_panics_open_breaker_and_recovery_closes_it() {
+    let _memory = shared_process_memory();
+    let plugins = tokio::task::spawn_blocking(test_plugin_dir).await.unwrap();
+    let tables = r#"
+[plugins.flaky-panic]
+file = "flaky_panic.wasm"
+breaker = { failure_threshold = 3, cool_down_ms = 200 }
+"#;
+    let setup = Setup::start(&plugins, tables, &["flaky-panic"]).await;
+    let breaker = || setup.host.breaker_states()[&format!("{PIPELINE}/flaky-panic")];
+    let fail = |n: u64| (topic("b0"), format!(r#"{{"seq": {n}, "note": "fail"}}"#).into_bytes());
+
+    // Three traps in a row open the breaker; the next failing messages are
+    // dead-lettered without calling the plugin.
+    let mut finished = 0;
+    for n in 1..=5 {
+        publish_one(&setup, fail(n), finished).await;
+        finished += 1;
+    }
+    assert_eq!(breaker(), BreakerState::Open);
+    let letters = setup.dead_letters();
+    let kinds: Vec<&str> = letters.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["trap", "trap", "trap", "circuit-open", "circuit-open"]);
+    assert_eq!(setup.stats().breaker_opened, 1);
+
+    // Healthy messages: refused while open, then the trial after the
+    // cool-down succeeds and closes the breaker.
+    // Sequence numbers 1, 11, 21, ...: flaky-panic traps on multiples of
+    // 10, which would fail the trial.
+    let mut seq = 1;
+    let mut refused = 0;
+    loop {
+        let stats = publish_one(&setup, seq_message("b0", seq), finished).await;
+        finished += 1;
+        seq += 10;
+        if stats.delivered == 1 {
+            break;
+        }
+        refused += 1;
+        assert!(refused < 10_000, "the breaker never let a trial through");
+    }
+    assert_eq!(breaker(), BreakerState::Closed);
+
+    // Closed again: healthy messages flow, 1 in 10 still traps without
+    // reopening it.
+    let messages: Vec<(String, Vec<u8>)> = (101..=120).map(|n| seq_message("b0", n)).collect();
+    setup.publish(messages).await;
+    let stats = setup.wait_finished(finished + 20).await;
+    let letters = setup.dead_letters();
+    setup.shutdown().await;
+
+    assert_eq!(breaker_kinds(&letters, "circuit-open"), 2 + refused);
+    assert_eq!(breaker_kinds(&letters, "trap"), 3 + 2, "seq 110 and 120 trap");
+    assert_eq!(stats.delivered, 1 + 18);
+    assert_eq!(stats.received, stats.delivered + stats.dead_lettered);
+    assert_eq!(stats.breaker_opened, 1, "isolated traps do not reopen it");
+}
+
+fn breaker_kinds(letters: &[Value], kind: &str) -> u64 {
+    letters.iter().filter(|l| l["kind"] == kind).count() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_breaker_with_skip_policy_passes_messages_on() {
+    let _memory = shared_process_memory();
+    let plugins = tokio::task::spawn_blocking(test_plugin_dir).await.unwrap();
+    // A cool-down far longer than the test, so the breaker stays open.
+    let tables = r#"
+[plugins.flaky-panic]
+file = "flaky_panic.wasm"
+breaker = { failure_threshold = 1, cool_down_ms = 600000, on_open = "skip" }
+"#;
+    let setup = Setup::start(&plugins, tables, &["flaky-panic"]).await;
+    publish_one(&setup, (topic("s0"), br#"{"seq": 1, "note": "fail"}"#.to_vec()), 0).await;
+    assert_eq!(setup.host.breaker_states()[&format!("{PIPELINE}/flaky-panic")], BreakerState::Open);
+
+    // Even a message the plugin would trap on passes unchanged now.
+    let messages = vec![seq_message("s0", 2), (topic("s0"), br#"{"seq": 3, "note": "fail"}"#.to_vec())];
+    setup.publish(messages).await;
+    let stats = setup.wait_finished(3).await;
+    let records = setup.records();
+    setup.shutdown().await;
+
+    assert_eq!((stats.delivered, stats.dead_lettered), (2, 1));
+    assert_eq!(record_seqs(&records, &topic("s0")), vec![2, 3]);
+    for record in &records {
+        assert_eq!(record["processed_by"], json!(["flaky-panic@skipped"]), "{record}");
     }
 }
