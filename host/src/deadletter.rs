@@ -34,12 +34,18 @@ pub enum FailureKind {
     /// A message the client could not decode, for example a topic that is
     /// not valid UTF-8.
     Undecodable,
+    /// A payload over `mqtt.max_packet_bytes`, stored without calling a
+    /// stage.
+    TooLarge,
+    /// The host's own code panicked while handling the message; the worker
+    /// was restarted.
+    HostPanic,
 }
 
 impl FailureKind {
     /// Every kind, in declaration order. Keep it in step with the enum: the
     /// store and the CLI parse kinds through it.
-    pub const ALL: [FailureKind; 7] = [
+    pub const ALL: [FailureKind; 9] = [
         Self::Invalid,
         Self::Transient,
         Self::Timeout,
@@ -47,6 +53,8 @@ impl FailureKind {
         Self::Sink,
         Self::CircuitOpen,
         Self::Undecodable,
+        Self::TooLarge,
+        Self::HostPanic,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +66,8 @@ impl FailureKind {
             Self::Sink => "sink",
             Self::CircuitOpen => "circuit-open",
             Self::Undecodable => "undecodable",
+            Self::TooLarge => "too-large",
+            Self::HostPanic => "host-panic",
         }
     }
 }
@@ -123,7 +133,9 @@ mod tests {
                 | FailureKind::Trap
                 | FailureKind::Sink
                 | FailureKind::CircuitOpen
-                | FailureKind::Undecodable => {}
+                | FailureKind::Undecodable
+                | FailureKind::TooLarge
+                | FailureKind::HostPanic => {}
             }
             assert_eq!(kind.as_str().parse::<FailureKind>(), Ok(kind));
         }

@@ -217,11 +217,12 @@ impl Pipeline {
 /// Runs one worker: takes jobs in order, runs the chain, passes results on.
 ///
 /// Supervision: a panic in the host's own code while handling a message is
-/// caught here, the worker's instances are rebuilt (a one-for-one restart
-/// that keeps the queue and so the order), and the message is left
-/// unacknowledged, so the broker delivers it again on the next session. The
-/// shared [`Supervisor`](crate::supervisor::Supervisor) decides when restarts
-/// are too frequent and stops the host.
+/// caught here and the worker restarts one-for-one: its plugin instances are
+/// rebuilt, and it keeps its queue and so the order. The message goes to
+/// the dead letters as `host-panic`, because leaving it unacknowledged would
+/// hold back the acknowledgement of every later message. The shared
+/// [`Supervisor`](crate::supervisor::Supervisor) decides when restarts are
+/// too frequent and stops the host.
 fn run_worker(
     name: &str,
     mut chain: Chain,
@@ -236,10 +237,16 @@ fn run_worker(
             Ok(result) => result,
             Err(panic) => {
                 let reason = crate::supervisor::panic_text(&panic);
-                if !supervisor.restarted(name, &reason) {
+                let restart = supervisor.restarted(name, &reason);
+                chain.reset();
+                let failed = ChainResult::Failed {
+                    stage: "worker".to_owned(),
+                    kind: FailureKind::HostPanic,
+                    reason: format!("the host panicked while processing the message: {reason}"),
+                };
+                if results.blocking_send(Processed { job, result: failed }).is_err() || !restart {
                     return;
                 }
-                chain.reset();
                 continue;
             }
         };
@@ -248,6 +255,12 @@ fn run_worker(
         }
     }
 }
+
+/// A topic that contains this makes a worker panic, in builds with the
+/// `fault-injection` feature, which only the test crate turns on to prove
+/// supervision.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_TOPIC_LEVEL: &str = "eliot-fault-injection-panic";
 
 /// The stages as one worker runs them: the shared stages and this worker's
 /// own instance of each.
@@ -285,10 +298,14 @@ impl Chain {
 
     /// Runs `message` through every stage in order.
     pub fn run(&mut self, message: Message) -> ChainResult {
+        #[cfg(feature = "fault-injection")]
+        if message.topic.contains(FAULT_INJECTION_TOPIC_LEVEL) {
+            panic!("fault injected for topic {}", message.topic);
+        }
         if let Some(limit) = message.headers.iter().find(|(k, _)| k == crate::source::OVERSIZED_HEADER) {
             return ChainResult::Failed {
                 stage: "source".to_owned(),
-                kind: FailureKind::Invalid,
+                kind: FailureKind::TooLarge,
                 reason: format!(
                     "payload of {} bytes exceeds mqtt.max_packet_bytes ({} bytes); raise the limit or fix the device",
                     message.payload.len(),
