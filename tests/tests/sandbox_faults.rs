@@ -612,3 +612,51 @@ breaker = { failure_threshold = 1, cool_down_ms = 600000, on_open = "skip" }
         assert_eq!(record["processed_by"], json!(["flaky-panic@skipped"]), "{record}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_open_exactly_what_they_name() {
+    let _memory = shared_process_memory();
+    let plugins = tokio::task::spawn_blocking(test_plugin_dir).await.unwrap();
+    // /etc is granted read-only as /etc, HOME is passed on, the network is
+    // open; the root folder stays hidden, because only /etc is mounted.
+    let tables = r#"
+[plugins.sandbox-probe]
+file = "sandbox_probe.wasm"
+grants = { env = ["HOME"], read_dirs = [{ host = "/etc", guest = "/etc" }], network = true }
+"#;
+    let setup = Setup::start(&plugins, tables, &["sandbox-probe"]).await;
+    let port = setup.broker.port();
+    setup.publish(vec![(topic("probe"), json!({ "port": port }).to_string().into_bytes())]).await;
+    setup.wait_finished(1).await;
+    let records = setup.records();
+    setup.shutdown().await;
+
+    let report = &records[0]["payload"];
+    assert!(report["passwd"].as_str().unwrap().starts_with("read "), "{report}");
+    assert!(report["home"].as_str().unwrap().starts_with("set, "), "{report}");
+    assert_eq!(report["env_vars"], 1, "only the granted variable: {report}");
+    assert!(report["connect"].as_str().unwrap().starts_with("connected"), "{report}");
+    assert!(report["root_dir"].as_str().unwrap().starts_with("denied: "), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_breaker_with_pause_policy_holds_messages() {
+    let _memory = shared_process_memory();
+    let plugins = tokio::task::spawn_blocking(test_plugin_dir).await.unwrap();
+    let tables = r#"
+[plugins.flaky-panic]
+file = "flaky_panic.wasm"
+breaker = { failure_threshold = 1, cool_down_ms = 300, on_open = "pause" }
+"#;
+    let setup = Setup::start(&plugins, tables, &["flaky-panic"]).await;
+    publish_one(&setup, (topic("w0"), br#"{"seq": 1, "note": "fail"}"#.to_vec()), 0).await;
+    assert_eq!(setup.host.breaker_states()[&format!("{PIPELINE}/flaky-panic")], BreakerState::Open);
+
+    // Held until the cool-down ends, then the trial call delivers it: no
+    // message is dead-lettered or skipped while the breaker is open.
+    let stats = publish_one(&setup, seq_message("w0", 2), 1).await;
+    let records = setup.records();
+    setup.shutdown().await;
+    assert_eq!((stats.delivered, stats.dead_lettered), (1, 1));
+    assert_eq!(records[0]["processed_by"], json!(["flaky-panic@0.1.0"]));
+}
