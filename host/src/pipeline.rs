@@ -174,7 +174,8 @@ impl Pipeline {
         }
         drop(result_tx);
 
-        let sink_task = tokio::spawn(sink_loop(config.name.clone(), result_rx, sinks, dead_letters, stats.clone()));
+        let sink_task =
+            tokio::spawn(sink_loop(config.name.clone(), result_rx, sinks, dead_letters, stats.clone(), supervisor));
         Ok((Self { config, stats, stages, workers }, sink_task))
     }
 
@@ -261,6 +262,10 @@ fn run_worker(
 /// supervision.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_INJECTION_TOPIC_LEVEL: &str = "eliot-fault-injection-panic";
+
+/// Like [`FAULT_INJECTION_TOPIC_LEVEL`], for a panic in the sink task.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_SINK_TOPIC_LEVEL: &str = "eliot-fault-injection-sink-panic";
 
 /// The stages as one worker runs them: the shared stages and this worker's
 /// own instance of each.
@@ -452,73 +457,120 @@ enum StageResult {
 
 /// Writes results to the sinks in batches, stores dead letters, and only
 /// then releases the acknowledgements of the batch.
+///
+/// Supervision: a panic in the host's own code while writing a batch is
+/// caught, the whole batch goes to the dead letters as `host-panic` (some of
+/// its records may already be written, so this can duplicate, never lose),
+/// and the task goes on with the next batch: a one-for-one restart that
+/// keeps the queue. The supervisor stops the host when restarts come too
+/// often.
 async fn sink_loop(
     pipeline: String,
     mut results: mpsc::Receiver<Processed>,
     sinks: Vec<Arc<Sink>>,
     dead_letters: Arc<DeadLetterStore>,
     stats: Arc<PipelineStats>,
+    supervisor: Arc<crate::supervisor::Supervisor>,
 ) {
+    use futures::FutureExt as _;
+
+    let task = format!("sink task {pipeline}");
     let mut batch = Vec::with_capacity(SINK_BATCH);
     while results.recv_many(&mut batch, SINK_BATCH).await > 0 {
-        let mut letters = Vec::new();
-        let mut delivered = 0;
-        let mut dropped = 0;
-        let mut records = 0;
-        for processed in &batch {
-            match &processed.result {
-                ChainResult::Outputs { messages, processed_by } => {
-                    match write_outputs(&pipeline, &sinks, messages, processed_by).await {
-                        Ok(()) => {
-                            delivered += 1;
-                            records += messages.len() as u64;
-                        }
-                        Err((stage, reason)) => letters.push(DeadLetter {
-                            pipeline: pipeline.clone(),
-                            stage,
-                            kind: FailureKind::Sink,
-                            reason,
-                            message: processed.job.message.clone(),
-                            topic_bytes: None,
-                        }),
-                    }
-                }
-                ChainResult::Dropped { stage, reason } => {
-                    tracing::debug!(pipeline, stage, reason, topic = %processed.job.message.topic, "message dropped by a stage");
-                    dropped += 1;
-                }
-                ChainResult::Failed { stage, kind, reason } => {
-                    tracing::warn!(pipeline, stage, kind = kind.as_str(), reason, topic = %processed.job.message.topic, "message dead-lettered");
-                    letters.push(DeadLetter {
-                        pipeline: pipeline.clone(),
-                        stage: stage.clone(),
-                        kind: *kind,
-                        reason: reason.clone(),
-                        message: processed.job.message.clone(),
-                        topic_bytes: None,
-                    });
-                }
-            }
+        let written = std::panic::AssertUnwindSafe(write_batch(&pipeline, &batch, &sinks, &dead_letters, &stats))
+            .catch_unwind()
+            .await;
+        let mut restart = true;
+        if let Err(panic) = written {
+            let reason = crate::supervisor::panic_text(&panic);
+            restart = supervisor.restarted(&task, &reason);
+            let letters: Vec<DeadLetter> = batch
+                .iter()
+                .map(|processed| DeadLetter {
+                    pipeline: pipeline.clone(),
+                    stage: "sink".to_owned(),
+                    kind: FailureKind::HostPanic,
+                    reason: format!("the host panicked while writing the message to the sinks: {reason}"),
+                    message: processed.job.message.clone(),
+                    topic_bytes: None,
+                })
+                .collect();
+            let refs: Vec<&DeadLetter> = letters.iter().collect();
+            retry_until_ok("dead-letter store", || dead_letters.append(&refs)).await;
+            stats::add(&stats.dead_lettered, letters.len() as u64);
         }
-
-        for sink in &sinks {
-            if let SinkTarget::File(file) = &sink.target {
-                write_through_breaker(&pipeline, sink, || file.lock().unwrap_or_else(|e| e.into_inner()).flush()).await;
-            }
-        }
-        if !letters.is_empty() {
-            let letters: Vec<&DeadLetter> = letters.iter().collect();
-            retry_until_ok("dead-letter store", || dead_letters.append(&letters)).await;
-        }
-
-        stats::add(&stats.delivered, delivered);
-        stats::add(&stats.records_out, records);
-        stats::add(&stats.dropped, dropped);
-        stats::add(&stats.dead_lettered, letters.len() as u64);
         for processed in batch.drain(..) {
             processed.job.ack.finish();
         }
+        if !restart {
+            return;
+        }
     }
+}
+
+/// Writes one batch: outputs to the sinks, failures to the dead letters,
+/// then the counters.
+async fn write_batch(
+    pipeline: &str,
+    batch: &[Processed],
+    sinks: &[Arc<Sink>],
+    dead_letters: &DeadLetterStore,
+    stats: &PipelineStats,
+) {
+    let mut letters = Vec::new();
+    let mut delivered = 0;
+    let mut dropped = 0;
+    let mut records = 0;
+    for processed in batch {
+        match &processed.result {
+            ChainResult::Outputs { messages, processed_by } => {
+                match write_outputs(pipeline, sinks, messages, processed_by).await {
+                    Ok(()) => {
+                        delivered += 1;
+                        records += messages.len() as u64;
+                    }
+                    Err((stage, reason)) => letters.push(DeadLetter {
+                        pipeline: pipeline.to_owned(),
+                        stage,
+                        kind: FailureKind::Sink,
+                        reason,
+                        message: processed.job.message.clone(),
+                        topic_bytes: None,
+                    }),
+                }
+            }
+            ChainResult::Dropped { stage, reason } => {
+                tracing::debug!(pipeline, stage, reason, topic = %processed.job.message.topic, "message dropped by a stage");
+                dropped += 1;
+            }
+            ChainResult::Failed { stage, kind, reason } => {
+                tracing::warn!(pipeline, stage, kind = kind.as_str(), reason, topic = %processed.job.message.topic, "message dead-lettered");
+                letters.push(DeadLetter {
+                    pipeline: pipeline.to_owned(),
+                    stage: stage.clone(),
+                    kind: *kind,
+                    reason: reason.clone(),
+                    message: processed.job.message.clone(),
+                    topic_bytes: None,
+                });
+            }
+        }
+    }
+
+    for sink in sinks {
+        if let SinkTarget::File(file) = &sink.target {
+            write_through_breaker(pipeline, sink, || file.lock().unwrap_or_else(|e| e.into_inner()).flush()).await;
+        }
+    }
+    if !letters.is_empty() {
+        let letters: Vec<&DeadLetter> = letters.iter().collect();
+        retry_until_ok("dead-letter store", || dead_letters.append(&letters)).await;
+    }
+
+    stats::add(&stats.delivered, delivered);
+    stats::add(&stats.records_out, records);
+    stats::add(&stats.dropped, dropped);
+    stats::add(&stats.dead_lettered, letters.len() as u64);
 }
 
 /// Writes every output of one input to every sink. A topic that cannot be
@@ -530,6 +582,10 @@ async fn write_outputs(
     outputs: &[Message],
     processed_by: &[String],
 ) -> Result<(), (String, String)> {
+    #[cfg(feature = "fault-injection")]
+    if outputs.iter().any(|m| m.topic.contains(FAULT_INJECTION_SINK_TOPIC_LEVEL)) {
+        panic!("fault injected in the sink task");
+    }
     let mut topics = Vec::new();
     for sink in sinks {
         if let SinkTarget::Mqtt(mqtt) = &sink.target {

@@ -80,3 +80,62 @@ fn restart_intensity_exceeded_stops_host() {
     // Every panicked message was stored before the host stopped.
     assert_eq!(host_panics(&dir.path().join("out/dead-letters.sqlite")), 11);
 }
+
+#[test]
+fn sink_task_panic_restarts_and_loses_nothing() {
+    use eliot::pipeline::FAULT_INJECTION_SINK_TOPIC_LEVEL;
+
+    let broker = Mosquitto::builder().max_queued_messages(0).start();
+    let plugins = build_examples();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_example_config(dir.path(), &broker.address(), &plugins, "eliot-supervision-sink");
+    let mut host = HostProcess::start(Path::new(ELIOT), &config, &dir.path().join("host.log"));
+
+    let valid: Vec<_> = expected_messages().into_iter().take(200).collect();
+    let injected = (
+        format!("devices/{FAULT_INJECTION_SINK_TOPIC_LEVEL}/telemetry"),
+        br#"{"device_id": "x", "timestamp": "2025-06-05T14:30:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+    );
+    let mut messages: Vec<(String, Vec<u8>)> = valid.iter().map(|m| (m.topic.clone(), m.payload_bytes())).collect();
+    messages.insert(100, injected.clone());
+    publish_all(broker.port(), &messages, QoS::AtLeastOnce);
+
+    // Every message ends in the file sink or, for the batch that was being
+    // written when the panic hit, in the dead letters.
+    let output = dir.path().join("out/processed.jsonl");
+    let store = dir.path().join("out/dead-letters.sqlite");
+    let covered = || {
+        let written: Vec<serde_json::Value> =
+            read_complete_lines(&output).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let letters = dead_letters::read_all(&store);
+        let stored_topics_and_payloads: Vec<(String, String)> = letters
+            .iter()
+            .map(|l| (l["topic"].as_str().unwrap().to_owned(), l["payload_text"].as_str().unwrap().to_owned()))
+            .collect();
+        let all_valid = valid.iter().all(|m| {
+            let in_file = written.iter().any(|r| r["topic"] == m.topic.as_str() && same_reading(r, m));
+            in_file || stored_topics_and_payloads.contains(&(m.topic.clone(), String::from_utf8(m.payload_bytes()).unwrap()))
+        });
+        let injected_stored = letters.iter().any(|l| l["topic"] == injected.0.as_str() && l["kind"] == "host-panic");
+        all_valid && injected_stored
+    };
+    wait_until("every message is in the file sink or the dead letters", Duration::from_secs(60), covered);
+
+    let log = host.log();
+    assert!(log.contains("task failed; restarting it") && log.contains("sink task telemetry"), "log:\n{log}");
+    let status = host.terminate(Duration::from_secs(30));
+    assert!(status.success(), "the host kept running after the restart: {status}");
+    for letter in dead_letters::read_all(&store) {
+        assert_eq!(letter["kind"], "host-panic", "{letter}");
+        assert_eq!(letter["stage"], "sink", "{letter}");
+    }
+}
+
+/// Tells whether a file-sink record is the processed form of `message`: the
+/// same device and the same instant.
+fn same_reading(record: &serde_json::Value, message: &eliot_tests::DeviceMessage) -> bool {
+    use time::format_description::well_known::Rfc3339;
+    let instant = |text: &str| time::OffsetDateTime::parse(text, &Rfc3339).ok();
+    instant(record["payload"]["timestamp"].as_str().unwrap_or_default())
+        == instant(message.payload["timestamp"].as_str().unwrap_or_default())
+}
