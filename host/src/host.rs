@@ -136,16 +136,27 @@ impl Host {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (connected_tx, connected) = watch::channel(false);
         let acker = tokio::spawn(source::run_acker(client.clone(), ack_rx));
-        let source = tokio::spawn(source::run(
-            client,
-            eventloop,
-            Arc::new(pipelines),
-            ack_tx,
-            shutdown_rx,
-            connected_tx,
-            acker,
-            config.mqtt.max_packet_bytes,
-        ));
+        // NOTE: the source is not restarted after a panic, because its
+        // connection and pending messages die with it; the host stops, and
+        // the broker redelivers what was not acknowledged.
+        let source_supervisor = supervisor.clone();
+        let source = tokio::spawn(async move {
+            use futures::FutureExt as _;
+
+            let run = source::run(
+                client,
+                eventloop,
+                Arc::new(pipelines),
+                ack_tx,
+                shutdown_rx,
+                connected_tx,
+                acker,
+                config.mqtt.max_packet_bytes,
+            );
+            if let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await {
+                source_supervisor.escalate("source", &crate::supervisor::panic_text(&panic));
+            }
+        });
 
         Ok(Self {
             broker,

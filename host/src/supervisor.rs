@@ -48,6 +48,13 @@ impl Supervisor {
         }
     }
 
+    /// Stops the host at once because task `name` failed in a way it cannot
+    /// be restarted from.
+    pub fn escalate(&self, name: &str, reason: &str) {
+        tracing::error!(task = name, reason, "task failed and cannot be restarted; shutting the host down");
+        self.escalated.send_replace(Some(format!("task \"{name}\" failed ({reason})")));
+    }
+
     /// Restarts so far.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(std::sync::atomic::Ordering::Relaxed)
