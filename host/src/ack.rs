@@ -31,14 +31,20 @@ struct Slot<T> {
 
 impl<T> Default for AckTracker<T> {
     fn default() -> Self {
-        Self { head: 0, slots: VecDeque::new() }
+        Self {
+            head: 0,
+            slots: VecDeque::new(),
+        }
     }
 }
 
 impl<T> AckTracker<T> {
     /// Registers an arriving item and returns its sequence number.
     pub fn register(&mut self, item: T) -> Sequence {
-        self.slots.push_back(Slot { item: Some(item), done: false });
+        self.slots.push_back(Slot {
+            item: Some(item),
+            done: false,
+        });
         self.head + self.slots.len() as Sequence - 1
     }
 
@@ -46,8 +52,12 @@ impl<T> AckTracker<T> {
     /// acknowledged, in arrival order. Finishing an unknown or already
     /// finished sequence returns nothing.
     pub fn finish(&mut self, sequence: Sequence) -> Vec<T> {
-        let Some(index) = sequence.checked_sub(self.head) else { return Vec::new() };
-        let Some(slot) = self.slots.get_mut(index as usize) else { return Vec::new() };
+        let Some(index) = sequence.checked_sub(self.head) else {
+            return Vec::new();
+        };
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return Vec::new();
+        };
         slot.done = true;
 
         let mut released = Vec::new();

@@ -125,7 +125,10 @@ mod tests {
     const COOL_DOWN: Duration = Duration::from_secs(5);
 
     fn opened(from: BreakerState) -> Option<Transition> {
-        Some(Transition { from, to: BreakerState::Open })
+        Some(Transition {
+            from,
+            to: BreakerState::Open,
+        })
     }
 
     #[test]
@@ -136,7 +139,15 @@ mod tests {
         assert_eq!(breaker.record_failure(start), None);
         assert_eq!(breaker.record_failure(start), opened(BreakerState::Closed));
         assert_eq!(breaker.state(), BreakerState::Open);
-        assert_eq!(breaker.permit(start), (Permit::Refused { retry_at: start + COOL_DOWN }, None));
+        assert_eq!(
+            breaker.permit(start),
+            (
+                Permit::Refused {
+                    retry_at: start + COOL_DOWN
+                },
+                None
+            )
+        );
     }
 
     #[test]
@@ -158,10 +169,19 @@ mod tests {
         let mut breaker = CircuitBreaker::new(1, COOL_DOWN);
         breaker.record_failure(start);
         let just_before = start + COOL_DOWN - Duration::from_millis(1);
-        assert!(matches!(breaker.permit(just_before).0, Permit::Refused { .. }));
+        assert!(matches!(
+            breaker.permit(just_before).0,
+            Permit::Refused { .. }
+        ));
         let (permit, transition) = breaker.permit(start + COOL_DOWN);
         assert_eq!(permit, Permit::Trial);
-        assert_eq!(transition, Some(Transition { from: BreakerState::Open, to: BreakerState::HalfOpen }));
+        assert_eq!(
+            transition,
+            Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen
+            })
+        );
     }
 
     #[test]
@@ -172,7 +192,10 @@ mod tests {
         breaker.permit(start + COOL_DOWN);
         assert_eq!(
             breaker.record_success(),
-            Some(Transition { from: BreakerState::HalfOpen, to: BreakerState::Closed })
+            Some(Transition {
+                from: BreakerState::HalfOpen,
+                to: BreakerState::Closed
+            })
         );
         assert_eq!(breaker.permit(start + COOL_DOWN).0, Permit::Allowed);
     }
@@ -186,13 +209,24 @@ mod tests {
         }
         let trial_at = start + COOL_DOWN;
         breaker.permit(trial_at);
-        assert_eq!(breaker.record_failure(trial_at), opened(BreakerState::HalfOpen));
-        assert_eq!(breaker.permit(trial_at + COOL_DOWN / 2).0, Permit::Refused { retry_at: trial_at + COOL_DOWN });
+        assert_eq!(
+            breaker.record_failure(trial_at),
+            opened(BreakerState::HalfOpen)
+        );
+        assert_eq!(
+            breaker.permit(trial_at + COOL_DOWN / 2).0,
+            Permit::Refused {
+                retry_at: trial_at + COOL_DOWN
+            }
+        );
     }
 
     #[test]
     fn zero_threshold_acts_as_one() {
         let mut breaker = CircuitBreaker::new(0, COOL_DOWN);
-        assert_eq!(breaker.record_failure(Instant::now()), opened(BreakerState::Closed));
+        assert_eq!(
+            breaker.record_failure(Instant::now()),
+            opened(BreakerState::Closed)
+        );
     }
 }

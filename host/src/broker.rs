@@ -19,7 +19,10 @@ pub fn parse_address(address: &str) -> Option<(String, u16)> {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("embedded broker: cannot find a free port on {listen}: {source}")]
-    NoPort { listen: SocketAddr, source: std::io::Error },
+    NoPort {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("embedded broker did not accept connections on {0} within 10 s")]
     NotReady(SocketAddr),
     #[error("embedded broker: cannot start its thread: {0}")]
@@ -34,13 +37,19 @@ pub enum BrokerError {
 /// # Errors
 ///
 /// Fails when no port can be bound or the broker does not come up.
-pub fn start_embedded(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr, BrokerError> {
+pub fn start_embedded(
+    listen: SocketAddr,
+    max_payload_bytes: usize,
+) -> Result<SocketAddr, BrokerError> {
     // rumqttd cannot report the port it bound, so pick one here. Another
     // process could take it in between; the readiness check below then fails
     // with a clear error instead of connecting to the wrong broker silently.
     let address = if listen.port() == 0 {
-        let probe = TcpListener::bind(listen).map_err(|source| BrokerError::NoPort { listen, source })?;
-        probe.local_addr().map_err(|source| BrokerError::NoPort { listen, source })?
+        let probe =
+            TcpListener::bind(listen).map_err(|source| BrokerError::NoPort { listen, source })?;
+        probe
+            .local_addr()
+            .map_err(|source| BrokerError::NoPort { listen, source })?
     } else {
         listen
     };

@@ -13,7 +13,11 @@ use crate::host::Host;
 use crate::simulate::{self, SimulateOptions};
 
 #[derive(Parser)]
-#[command(name = "eliot", version, about = "IoT ingestion host: MQTT in, Wasm plugin chain, sinks out")]
+#[command(
+    name = "eliot",
+    version,
+    about = "IoT ingestion host: MQTT in, Wasm plugin chain, sinks out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -109,24 +113,48 @@ pub fn main() -> ExitCode {
 async fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => run(&config).await,
-        Command::Demo { config, rate, limit } => demo(&config, rate, limit).await,
-        Command::Simulate { broker, rate, limit, qos } => {
-            let (host, port) = crate::broker::parse_address(&broker)
-                .with_context(|| format!("--broker \"{broker}\" is not host:port, for example 127.0.0.1:1883"))?;
-            let qos = rumqttc::qos(qos).map_err(|_| anyhow::anyhow!("--qos {qos} does not exist; use 0, 1 or 2"))?;
-            let options = SimulateOptions { host, port, rate, limit, qos, client_id: "eliot-simulator".to_owned() };
+        Command::Demo {
+            config,
+            rate,
+            limit,
+        } => demo(&config, rate, limit).await,
+        Command::Simulate {
+            broker,
+            rate,
+            limit,
+            qos,
+        } => {
+            let (host, port) = crate::broker::parse_address(&broker).with_context(|| {
+                format!("--broker \"{broker}\" is not host:port, for example 127.0.0.1:1883")
+            })?;
+            let qos = rumqttc::qos(qos)
+                .map_err(|_| anyhow::anyhow!("--qos {qos} does not exist; use 0, 1 or 2"))?;
+            let options = SimulateOptions {
+                host,
+                port,
+                rate,
+                limit,
+                qos,
+                client_id: "eliot-simulator".to_owned(),
+            };
             let sent = simulate::replay(&options).await?;
             tracing::info!(messages = sent, broker = %broker, "replay finished");
             Ok(())
         }
         Command::Check { config } => check(&config).await,
         Command::DeadLetters { command } => crate::deadletter::cli::execute(command).await,
-        Command::Plugin { command: PluginCommand::Build { packages, out } } => {
+        Command::Plugin {
+            command: PluginCommand::Build { packages, out },
+        } => {
             let cwd = std::env::current_dir()?;
-            let workspace = crate::plugin_build::workspace_root(&cwd)
-                .context("no cargo workspace found above the current folder; run this inside the repository")?;
+            let workspace = crate::plugin_build::workspace_root(&cwd).context(
+                "no cargo workspace found above the current folder; run this inside the repository",
+            )?;
             let packages = if packages.is_empty() {
-                crate::plugin_build::EXAMPLE_PLUGINS.iter().map(|p| (*p).to_owned()).collect()
+                crate::plugin_build::EXAMPLE_PLUGINS
+                    .iter()
+                    .map(|p| (*p).to_owned())
+                    .collect()
             } else {
                 packages
             };
@@ -179,7 +207,10 @@ async fn check(config_path: &Path) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for plugin in config.plugins.values() {
         match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
-            Ok(loaded) => println!("ok: plugin \"{}\" {} {}", plugin.name, loaded.info.name, loaded.info.version),
+            Ok(loaded) => println!(
+                "ok: plugin \"{}\" {} {}",
+                plugin.name, loaded.info.name, loaded.info.version
+            ),
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -187,7 +218,11 @@ async fn check(config_path: &Path) -> anyhow::Result<()> {
         println!("{}: configuration is valid", config_path.display());
         Ok(())
     } else {
-        anyhow::bail!("{} plugin(s) failed to load:\n  {}", problems.len(), problems.join("\n  "))
+        anyhow::bail!(
+            "{} plugin(s) failed to load:\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        )
     }
 }
 
@@ -201,7 +236,10 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
     // The config cannot be validated before that, because it checks that
     // the plugin files exist.
     let plugin_dir = plugin_dir_of(config_path)?;
-    let packages: Vec<String> = crate::plugin_build::EXAMPLE_PLUGINS.iter().map(|p| (*p).to_owned()).collect();
+    let packages: Vec<String> = crate::plugin_build::EXAMPLE_PLUGINS
+        .iter()
+        .map(|p| (*p).to_owned())
+        .collect();
     tracing::info!(dir = %plugin_dir.display(), "building the example plugins");
     crate::plugin_build::build(&workspace, &packages, &plugin_dir)?;
 
@@ -218,12 +256,18 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove the old output {}", path.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot remove the old output {}", path.display()))
+            }
         }
     }
     let mut host = Host::start(config.clone()).await?;
     if !host.wait_connected(Duration::from_secs(10)).await {
-        anyhow::bail!("the host did not connect to the broker at {} within 10 s", host.broker);
+        anyhow::bail!(
+            "the host did not connect to the broker at {} within 10 s",
+            host.broker
+        );
     }
 
     // Step 3: replay the bundled data.
@@ -260,7 +304,10 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
                 "progress"
             );
         }
-        let finished: u64 = snapshot.values().map(|s| s.delivered + s.dropped + s.dead_lettered).sum();
+        let finished: u64 = snapshot
+            .values()
+            .map(|s| s.delivered + s.dropped + s.dead_lettered)
+            .sum();
         if published.is_some_and(|p| finished >= p) {
             break;
         }
@@ -273,7 +320,10 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
     host.shutdown(Duration::from_secs(30)).await;
 
     println!();
-    println!("Eliot demo finished: {} messages published from the bundled data.", published.unwrap_or(0));
+    println!(
+        "Eliot demo finished: {} messages published from the bundled data.",
+        published.unwrap_or(0)
+    );
     for (name, stats) in &snapshot {
         println!(
             "  pipeline {name}: {} received, {} delivered ({} records), {} dropped, {} dead-lettered",
@@ -295,7 +345,9 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
 fn plugin_dir_of(config_path: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("cannot read {}; pass --config", config_path.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", config_path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", config_path.display()))?;
     let base = config_path.parent().unwrap_or(Path::new(""));
     let dir = table
         .get("runtime")

@@ -23,7 +23,14 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: key `{}`: {}; {}", self.file.display(), self.key, self.problem, self.fix)
+        write!(
+            f,
+            "{}: key `{}`: {}; {}",
+            self.file.display(),
+            self.key,
+            self.problem,
+            self.fix
+        )
     }
 }
 
@@ -34,7 +41,11 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.0.len();
-        write!(f, "invalid configuration ({count} problem{}):", if count == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "invalid configuration ({count} problem{}):",
+            if count == 1 { "" } else { "s" }
+        )?;
         for error in &self.0 {
             write!(f, "\n  {error}")?;
         }
@@ -92,7 +103,9 @@ pub struct EmbeddedBrokerConfig {
 
 impl Default for EmbeddedBrokerConfig {
     fn default() -> Self {
-        Self { listen: default_embedded_listen() }
+        Self {
+            listen: default_embedded_listen(),
+        }
     }
 }
 
@@ -186,7 +199,10 @@ pub struct SinkBreakerConfig {
 
 impl Default for SinkBreakerConfig {
     fn default() -> Self {
-        Self { failure_threshold: default_failure_threshold(), cool_down_ms: default_cool_down_ms() }
+        Self {
+            failure_threshold: default_failure_threshold(),
+            cool_down_ms: default_cool_down_ms(),
+        }
     }
 }
 
@@ -235,7 +251,10 @@ pub struct PluginLimits {
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        Self { memory_mib: default_memory_mib(), call_budget_ms: default_call_budget_ms() }
+        Self {
+            memory_mib: default_memory_mib(),
+            call_budget_ms: default_call_budget_ms(),
+        }
     }
 }
 
@@ -340,7 +359,11 @@ pub enum SinkKind {
     /// Append one JSON object per line to a file.
     File { path: PathBuf },
     /// Publish to the broker on a topic built from a template.
-    Mqtt { topic: crate::sink::TopicTemplate, qos: rumqttc::QoS, retain: bool },
+    Mqtt {
+        topic: crate::sink::TopicTemplate,
+        qos: rumqttc::QoS,
+        retain: bool,
+    },
 }
 
 impl Config {
@@ -374,7 +397,12 @@ impl Config {
         // cache requires.
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
         let base = std::path::absolute(&base).unwrap_or(base);
-        Validator { file: path, base: &base, errors: Vec::new() }.validate(raw)
+        Validator {
+            file: path,
+            base: &base,
+            errors: Vec::new(),
+        }
+        .validate(raw)
     }
 }
 
@@ -400,7 +428,12 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
         } else {
             "correct the value".to_owned()
         };
-        ConfigError { file: path.to_owned(), key, problem: format!("{message}{location}"), fix }
+        ConfigError {
+            file: path.to_owned(),
+            key,
+            problem: format!("{message}{location}"),
+            fix,
+        }
     })
 }
 
@@ -420,7 +453,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error(&mut self, key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
+    fn error(
+        &mut self,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
             key: key.into(),
@@ -451,7 +489,8 @@ impl Validator<'_> {
 
     fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
         // First pass: values that stand alone.
-        if raw.mqtt.broker != "embedded" && crate::broker::parse_address(&raw.mqtt.broker).is_none() {
+        if raw.mqtt.broker != "embedded" && crate::broker::parse_address(&raw.mqtt.broker).is_none()
+        {
             self.error(
                 "mqtt.broker",
                 format!("\"{}\" is neither \"embedded\" nor a host:port address", raw.mqtt.broker),
@@ -459,30 +498,59 @@ impl Validator<'_> {
             );
         }
         if raw.mqtt.client_id.is_empty() {
-            self.error("mqtt.client_id", "the client id is empty", "set a client id unique on the broker");
+            self.error(
+                "mqtt.client_id",
+                "the client id is empty",
+                "set a client id unique on the broker",
+            );
         }
         if raw.mqtt.keep_alive_secs < 5 {
             self.error(
                 "mqtt.keep_alive_secs",
-                format!("{} is below rumqttc's minimum of 5 seconds", raw.mqtt.keep_alive_secs),
+                format!(
+                    "{} is below rumqttc's minimum of 5 seconds",
+                    raw.mqtt.keep_alive_secs
+                ),
                 "use a value of 5 or more",
             );
         }
-        if raw.embedded_broker.listen.parse::<std::net::SocketAddr>().is_err() {
+        if raw
+            .embedded_broker
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
             self.error(
                 "embedded_broker.listen",
-                format!("\"{}\" is not an IP:port address", raw.embedded_broker.listen),
+                format!(
+                    "\"{}\" is not an IP:port address",
+                    raw.embedded_broker.listen
+                ),
                 "write it as \"127.0.0.1:1883\", or port 0 for a free port",
             );
         }
 
-        let plugin_dir = self.resolve(raw.runtime.plugin_dir.as_deref().unwrap_or(Path::new("plugins")));
-        let cache_dir = self.resolve(raw.runtime.cache_dir.as_deref().unwrap_or(Path::new("../target/eliot-cache")));
+        let plugin_dir = self.resolve(
+            raw.runtime
+                .plugin_dir
+                .as_deref()
+                .unwrap_or(Path::new("plugins")),
+        );
+        let cache_dir = self.resolve(
+            raw.runtime
+                .cache_dir
+                .as_deref()
+                .unwrap_or(Path::new("../target/eliot-cache")),
+        );
         let dead_letter_path = self.resolve(&raw.dead_letters.path);
 
         let mut plugins = BTreeMap::new();
         for (name, plugin) in raw.plugins {
-            let path = if plugin.file.is_absolute() { plugin.file.clone() } else { plugin_dir.join(&plugin.file) };
+            let path = if plugin.file.is_absolute() {
+                plugin.file.clone()
+            } else {
+                plugin_dir.join(&plugin.file)
+            };
             if !path.is_file() {
                 self.error(
                     format!("plugins.{name}.file"),
@@ -498,7 +566,8 @@ impl Validator<'_> {
                     "raise the limit or remove it to take the default",
                 );
             }
-            let config = serde_json::to_value(&plugin.config).unwrap_or_else(|_| serde_json::json!({}));
+            let config =
+                serde_json::to_value(&plugin.config).unwrap_or_else(|_| serde_json::json!({}));
             let mut grants = plugin.grants;
             for dir in &mut grants.read_dirs {
                 dir.host = self.resolve(&dir.host);
@@ -530,13 +599,24 @@ impl Validator<'_> {
         let mut sinks = BTreeMap::new();
         for (name, sink) in raw.sinks {
             let sink = match sink {
-                RawSinkConfig::File { path, breaker } => {
-                    SinkConfig { kind: SinkKind::File { path: self.resolve(&path) }, breaker }
-                }
-                RawSinkConfig::Mqtt { topic, qos, retain, breaker } => {
+                RawSinkConfig::File { path, breaker } => SinkConfig {
+                    kind: SinkKind::File {
+                        path: self.resolve(&path),
+                    },
+                    breaker,
+                },
+                RawSinkConfig::Mqtt {
+                    topic,
+                    qos,
+                    retain,
+                    breaker,
+                } => {
                     let qos = self.qos(format!("sinks.{name}.qos"), qos);
                     match crate::sink::TopicTemplate::parse(&topic) {
-                        Ok(topic) => SinkConfig { kind: SinkKind::Mqtt { topic, qos, retain }, breaker },
+                        Ok(topic) => SinkConfig {
+                            kind: SinkKind::Mqtt { topic, qos, retain },
+                            breaker,
+                        },
                         Err(problem) => {
                             self.error(
                                 format!("sinks.{name}.topic"),
@@ -553,13 +633,21 @@ impl Validator<'_> {
 
         // Second pass: references between sections.
         if raw.pipelines.is_empty() {
-            self.error("pipelines", "no pipeline is defined", "add a [pipelines.NAME] table");
+            self.error(
+                "pipelines",
+                "no pipeline is defined",
+                "add a [pipelines.NAME] table",
+            );
         }
         let mut pipelines = BTreeMap::new();
         for (name, pipeline) in raw.pipelines {
             let mut topics = Vec::new();
             if pipeline.topics.is_empty() {
-                self.error(format!("pipelines.{name}.topics"), "the list is empty", "add at least one topic filter");
+                self.error(
+                    format!("pipelines.{name}.topics"),
+                    "the list is empty",
+                    "add at least one topic filter",
+                );
             }
             for filter in &pipeline.topics {
                 match topic::TopicFilter::parse(filter) {
@@ -573,7 +661,11 @@ impl Validator<'_> {
             }
             let qos = self.qos(format!("pipelines.{name}.qos"), pipeline.qos);
             if pipeline.workers == 0 {
-                self.error(format!("pipelines.{name}.workers"), "0 workers cannot process anything", "use 1 or more");
+                self.error(
+                    format!("pipelines.{name}.workers"),
+                    "0 workers cannot process anything",
+                    "use 1 or more",
+                );
             }
             for stage in &pipeline.stages {
                 if !plugins.contains_key(stage) {
@@ -585,7 +677,11 @@ impl Validator<'_> {
                 }
             }
             if pipeline.sinks.is_empty() {
-                self.error(format!("pipelines.{name}.sinks"), "the list is empty", "add at least one sink");
+                self.error(
+                    format!("pipelines.{name}.sinks"),
+                    "the list is empty",
+                    "add at least one sink",
+                );
             }
             for sink in &pipeline.sinks {
                 if !sink_names.contains(sink) {
@@ -667,7 +763,10 @@ path = "out/processed.jsonl"
     fn errors(text: &str) -> (PathBuf, Vec<String>) {
         let (_dir, file) = setup();
         let errors = Config::parse(&file, text).unwrap_err();
-        (file.clone(), errors.0.iter().map(ToString::to_string).collect())
+        (
+            file.clone(),
+            errors.0.iter().map(ToString::to_string).collect(),
+        )
     }
 
     #[test]
@@ -675,7 +774,10 @@ path = "out/processed.jsonl"
         let (dir, file) = setup();
         let config = Config::parse(&file, VALID).unwrap();
         let base = std::path::absolute(dir.path()).unwrap();
-        assert_eq!(config.plugins["enrich"].path, base.join("plugins/enrich.wasm"));
+        assert_eq!(
+            config.plugins["enrich"].path,
+            base.join("plugins/enrich.wasm")
+        );
         assert_eq!(config.dead_letter_path, base.join("out/dead.jsonl"));
         assert_eq!(config.plugins["enrich"].config, serde_json::json!({}));
         assert_eq!(config.pipelines["telemetry"].stages, vec!["enrich"]);
@@ -698,7 +800,10 @@ path = "out/processed.jsonl"
 
     #[test]
     fn unknown_key_names_file_key_and_fix() {
-        let text = VALID.replace("stages = [\"enrich\"]", "stages = [\"enrich\"]\nstagez = []");
+        let text = VALID.replace(
+            "stages = [\"enrich\"]",
+            "stages = [\"enrich\"]\nstagez = []",
+        );
         let (file, errors) = errors(&text);
         assert_eq!(errors.len(), 1);
         assert_eq!(
@@ -769,19 +874,30 @@ path = "out/processed.jsonl"
     fn bad_values_are_reported() {
         let text = VALID
             .replace("broker = \"127.0.0.1:1883\"", "broker = \"localhost\"")
-            .replace("stages = [\"enrich\"]", "stages = [\"enrich\"]\nqos = 3\nworkers = 0");
+            .replace(
+                "stages = [\"enrich\"]",
+                "stages = [\"enrich\"]\nqos = 3\nworkers = 0",
+            );
         let (_file, errors) = errors(&text);
         assert_eq!(errors.len(), 3, "{errors:#?}");
-        assert!(errors[0].contains("key `mqtt.broker`: \"localhost\" is neither \"embedded\" nor a host:port address"));
-        assert!(errors[1].contains("key `pipelines.telemetry.qos`: QoS 3 does not exist; use 0, 1 or 2"));
-        assert!(errors[2].contains("key `pipelines.telemetry.workers`: 0 workers cannot process anything"));
+        assert!(errors[0].contains(
+            "key `mqtt.broker`: \"localhost\" is neither \"embedded\" nor a host:port address"
+        ));
+        assert!(errors[1]
+            .contains("key `pipelines.telemetry.qos`: QoS 3 does not exist; use 0, 1 or 2"));
+        assert!(errors[2]
+            .contains("key `pipelines.telemetry.workers`: 0 workers cannot process anything"));
     }
 
     #[test]
     fn syntax_error_names_line() {
         let (_file, errors) = errors("[mqtt\nbroker = 1");
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("key `(syntax)`: invalid TOML: TOML parse error at line 1"), "{}", errors[0]);
+        assert!(
+            errors[0].contains("key `(syntax)`: invalid TOML: TOML parse error at line 1"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -789,7 +905,11 @@ path = "out/processed.jsonl"
         let text = VALID.replace("[dead_letters]\npath = \"out/dead.jsonl\"\n", "");
         let (_file, errors) = errors(&text);
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("missing field `dead_letters`"), "{}", errors[0]);
+        assert!(
+            errors[0].contains("missing field `dead_letters`"),
+            "{}",
+            errors[0]
+        );
         assert!(errors[0].ends_with("; add the key"), "{}", errors[0]);
     }
 

@@ -83,10 +83,16 @@ impl std::str::FromStr for FailureKind {
 
     /// Parses the name that [`FailureKind::as_str`] returns.
     fn from_str(text: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|kind| kind.as_str() == text).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|kind| kind.as_str()).collect();
-            format!("unknown failure kind \"{text}\"; use one of {}", names.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|kind| kind.as_str()).collect();
+                format!(
+                    "unknown failure kind \"{text}\"; use one of {}",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -107,13 +113,28 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// Creates a dead letter for `message`, whose topic is exact.
-    pub fn new(pipeline: String, stage: String, kind: FailureKind, reason: String, message: Message) -> Self {
-        Self { pipeline, stage, kind, reason, message, topic_bytes: None }
+    pub fn new(
+        pipeline: String,
+        stage: String,
+        kind: FailureKind,
+        reason: String,
+        message: Message,
+    ) -> Self {
+        Self {
+            pipeline,
+            stage,
+            kind,
+            reason,
+            message,
+            topic_bytes: None,
+        }
     }
 
     /// Returns the topic's bytes as received.
     pub fn topic_bytes(&self) -> &[u8] {
-        self.topic_bytes.as_deref().unwrap_or(self.message.topic.as_bytes())
+        self.topic_bytes
+            .as_deref()
+            .unwrap_or(self.message.topic.as_bytes())
     }
 }
 

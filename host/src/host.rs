@@ -49,17 +49,25 @@ impl Host {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         // Resolve the broker first: the republish sinks connect to it too.
         let broker = if config.mqtt.broker == "embedded" {
-            let listen: SocketAddr = config.embedded_broker.listen.parse().context("embedded_broker.listen")?;
+            let listen: SocketAddr = config
+                .embedded_broker
+                .listen
+                .parse()
+                .context("embedded_broker.listen")?;
             let address = crate::broker::start_embedded(listen, config.mqtt.max_packet_bytes)?;
             tracing::info!(address = %address, "embedded broker listening");
             address
         } else {
-            let (host, port) = crate::broker::parse_address(&config.mqtt.broker)
-                .with_context(|| format!("mqtt.broker \"{}\" is not host:port", config.mqtt.broker))?;
+            let (host, port) =
+                crate::broker::parse_address(&config.mqtt.broker).with_context(|| {
+                    format!("mqtt.broker \"{}\" is not host:port", config.mqtt.broker)
+                })?;
             let mut addresses = tokio::net::lookup_host((host.as_str(), port))
                 .await
                 .with_context(|| format!("cannot resolve broker host \"{host}\""))?;
-            addresses.next().with_context(|| format!("broker host \"{host}\" resolved to no address"))?
+            addresses
+                .next()
+                .with_context(|| format!("broker host \"{host}\" resolved to no address"))?
         };
 
         // Compile every plugin once. Compilation is CPU-bound, so it runs
@@ -69,7 +77,9 @@ impl Host {
         for (name, plugin_config) in &config.plugins {
             let runtime = runtime.clone();
             let plugin_config = plugin_config.clone();
-            let loaded = tokio::task::spawn_blocking(move || LoadedPlugin::load(&runtime, &plugin_config)).await??;
+            let loaded =
+                tokio::task::spawn_blocking(move || LoadedPlugin::load(&runtime, &plugin_config))
+                    .await??;
             tracing::info!(
                 plugin = %name,
                 reports_name = %loaded.info.name,
@@ -84,7 +94,9 @@ impl Host {
         let mut sinks: BTreeMap<String, Arc<Sink>> = BTreeMap::new();
         for (name, sink) in &config.sinks {
             let kind = match &sink.kind {
-                SinkKind::File { path } => SinkTarget::File(std::sync::Mutex::new(FileSink::open(path)?)),
+                SinkKind::File { path } => {
+                    SinkTarget::File(std::sync::Mutex::new(FileSink::open(path)?))
+                }
                 SinkKind::Mqtt { topic, qos, retain } => SinkTarget::Mqtt(MqttSink::connect(
                     &broker.ip().to_string(),
                     broker.port(),
@@ -95,7 +107,10 @@ impl Host {
                     config.mqtt.max_packet_bytes,
                 )),
             };
-            sinks.insert(name.clone(), Arc::new(Sink::new(name.clone(), kind, &sink.breaker)));
+            sinks.insert(
+                name.clone(),
+                Arc::new(Sink::new(name.clone(), kind, &sink.breaker)),
+            );
         }
 
         // NOTE: a fixed restart intensity; it is not configurable yet.
@@ -107,9 +122,14 @@ impl Host {
         for pipeline in config.pipelines.values() {
             let stages = pipeline.stages.iter().map(|s| plugins[s].clone()).collect();
             let pipeline_sinks = pipeline.sinks.iter().map(|s| sinks[s].clone()).collect();
-            let (running, task) =
-                Pipeline::start(pipeline.clone(), stages, pipeline_sinks, dead_letters.clone(), supervisor.clone())
-                .with_context(|| format!("pipeline \"{}\"", pipeline.name))?;
+            let (running, task) = Pipeline::start(
+                pipeline.clone(),
+                stages,
+                pipeline_sinks,
+                dead_letters.clone(),
+                supervisor.clone(),
+            )
+            .with_context(|| format!("pipeline \"{}\"", pipeline.name))?;
             stats.insert(pipeline.name.clone(), running.stats.clone());
             stage_map.insert(pipeline.name.clone(), running.stages.clone());
             pipelines.push(running);
@@ -175,7 +195,9 @@ impl Host {
 
     /// Waits until the source has connected and subscribed, or `timeout`.
     pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.connected.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, self.connected.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Breaker state of every stage (`pipeline/stage`) and sink
@@ -184,7 +206,10 @@ impl Host {
         let mut states = BTreeMap::new();
         for (pipeline, stages) in &self.stages {
             for stage in stages.iter() {
-                states.insert(format!("{pipeline}/{}", stage.plugin.name), stage.breaker_state());
+                states.insert(
+                    format!("{pipeline}/{}", stage.plugin.name),
+                    stage.breaker_state(),
+                );
             }
         }
         for (name, sink) in &self.sinks {
@@ -195,7 +220,10 @@ impl Host {
 
     /// Counters of every pipeline.
     pub fn snapshot(&self) -> BTreeMap<String, StatsSnapshot> {
-        self.stats.iter().map(|(name, stats)| (name.clone(), stats.snapshot())).collect()
+        self.stats
+            .iter()
+            .map(|(name, stats)| (name.clone(), stats.snapshot()))
+            .collect()
     }
 
     /// Stops reading, lets the workers and sinks finish what they hold,
@@ -212,7 +240,10 @@ impl Host {
             }
         };
         if tokio::time::timeout(deadline, drain).await.is_err() {
-            tracing::warn!(deadline_ms = deadline.as_millis() as u64, "shutdown deadline passed; unacknowledged messages will be redelivered");
+            tracing::warn!(
+                deadline_ms = deadline.as_millis() as u64,
+                "shutdown deadline passed; unacknowledged messages will be redelivered"
+            );
         }
     }
 }

@@ -36,7 +36,10 @@ pub struct AckQueue {
 
 impl AckQueue {
     pub fn new(acks: mpsc::UnboundedSender<rumqttc::Publish>) -> Arc<Self> {
-        Arc::new(Self { tracker: std::sync::Mutex::new(AckTracker::default()), acks })
+        Arc::new(Self {
+            tracker: std::sync::Mutex::new(AckTracker::default()),
+            acks,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker<rumqttc::Publish>> {
@@ -57,8 +60,13 @@ impl AckHandle {
     /// Registers `publish` in arrival order. `pipelines` is the number of
     /// pipelines the message was routed to.
     pub fn new(publish: rumqttc::Publish, pipelines: usize, queue: &Arc<AckQueue>) -> Arc<Self> {
-        let sequence = (publish.qos != rumqttc::QoS::AtMostOnce).then(|| queue.lock().register(publish));
-        Arc::new(Self { remaining: AtomicUsize::new(pipelines), sequence, queue: queue.clone() })
+        let sequence =
+            (publish.qos != rumqttc::QoS::AtMostOnce).then(|| queue.lock().register(publish));
+        Arc::new(Self {
+            remaining: AtomicUsize::new(pipelines),
+            sequence,
+            queue: queue.clone(),
+        })
     }
 
     /// Marks one pipeline as finished; the last one releases the ack, which
@@ -67,7 +75,9 @@ impl AckHandle {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let Some(sequence) = self.sequence else { return };
+        let Some(sequence) = self.sequence else {
+            return;
+        };
         let mut tracker = self.queue.lock();
         for publish in tracker.finish(sequence) {
             // The acker only stops after the source, so a send error means
@@ -89,11 +99,18 @@ pub enum ChainResult {
     /// Every message that came out of the last stage, and `stage@version`
     /// of each stage it passed (`stage@skipped` for a stage skipped while
     /// its breaker was open).
-    Outputs { messages: Vec<Message>, processed_by: Vec<String> },
+    Outputs {
+        messages: Vec<Message>,
+        processed_by: Vec<String>,
+    },
     /// A stage consumed the message on purpose.
     Dropped { stage: String, reason: String },
     /// A stage failed; the original message goes to the dead letters.
-    Failed { stage: String, kind: FailureKind, reason: String },
+    Failed {
+        stage: String,
+        kind: FailureKind,
+        reason: String,
+    },
 }
 
 struct Processed {
@@ -115,7 +132,10 @@ pub struct Stage {
 impl Stage {
     pub fn new(plugin: Arc<LoadedPlugin>) -> Self {
         let config = plugin.breaker.clone();
-        let breaker = CircuitBreaker::new(config.failure_threshold, Duration::from_millis(config.cool_down_ms));
+        let breaker = CircuitBreaker::new(
+            config.failure_threshold,
+            Duration::from_millis(config.cool_down_ms),
+        );
         Self {
             max_retries: plugin.max_retries,
             plugin,
@@ -157,7 +177,11 @@ impl Pipeline {
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let stats = Arc::new(PipelineStats::default());
         let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE);
-        let stages: Arc<[Stage]> = plugins.into_iter().map(Stage::new).collect::<Vec<_>>().into();
+        let stages: Arc<[Stage]> = plugins
+            .into_iter()
+            .map(Stage::new)
+            .collect::<Vec<_>>()
+            .into();
 
         let mut workers = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
@@ -174,9 +198,23 @@ impl Pipeline {
         }
         drop(result_tx);
 
-        let sink_task =
-            tokio::spawn(sink_loop(config.name.clone(), result_rx, sinks, dead_letters, stats.clone(), supervisor));
-        Ok((Self { config, stats, stages, workers }, sink_task))
+        let sink_task = tokio::spawn(sink_loop(
+            config.name.clone(),
+            result_rx,
+            sinks,
+            dead_letters,
+            stats.clone(),
+            supervisor,
+        ));
+        Ok((
+            Self {
+                config,
+                stats,
+                stages,
+                workers,
+            },
+            sink_task,
+        ))
     }
 
     /// Index of the worker that owns `key`. Messages with the same key
@@ -245,7 +283,14 @@ fn run_worker(
                     kind: FailureKind::HostPanic,
                     reason: format!("the host panicked while processing the message: {reason}"),
                 };
-                if results.blocking_send(Processed { job, result: failed }).is_err() || !restart {
+                if results
+                    .blocking_send(Processed {
+                        job,
+                        result: failed,
+                    })
+                    .is_err()
+                    || !restart
+                {
                     return;
                 }
                 continue;
@@ -280,7 +325,12 @@ pub struct Chain {
 impl Chain {
     pub fn new(pipeline: String, stages: Arc<[Stage]>, stats: Arc<PipelineStats>) -> Self {
         let instances = stages.iter().map(|_| None).collect();
-        Self { pipeline, stages, instances, stats }
+        Self {
+            pipeline,
+            stages,
+            instances,
+            stats,
+        }
     }
 
     /// Creates every stage's instance now, so that a plugin that cannot
@@ -307,7 +357,11 @@ impl Chain {
         if message.topic.contains(FAULT_INJECTION_TOPIC_LEVEL) {
             panic!("fault injected for topic {}", message.topic);
         }
-        if let Some(limit) = message.headers.iter().find(|(k, _)| k == crate::source::OVERSIZED_HEADER) {
+        if let Some(limit) = message
+            .headers
+            .iter()
+            .find(|(k, _)| k == crate::source::OVERSIZED_HEADER)
+        {
             return ChainResult::Failed {
                 stage: "source".to_owned(),
                 kind: FailureKind::TooLarge,
@@ -335,19 +389,34 @@ impl Chain {
                         next.push(message.clone());
                     }
                     StageResult::Failed(kind, reason) => {
-                        return ChainResult::Failed { stage: stage.plugin.name.clone(), kind, reason }
+                        return ChainResult::Failed {
+                            stage: stage.plugin.name.clone(),
+                            kind,
+                            reason,
+                        }
                     }
                 }
             }
             if next.is_empty() {
-                let reason = drop_reason.unwrap_or_else(|| "the stage fanned out to no messages".to_owned());
-                return ChainResult::Dropped { stage: stage.plugin.name.clone(), reason };
+                let reason =
+                    drop_reason.unwrap_or_else(|| "the stage fanned out to no messages".to_owned());
+                return ChainResult::Dropped {
+                    stage: stage.plugin.name.clone(),
+                    reason,
+                };
             }
-            let version = if skipped { "skipped" } else { stage.plugin.info.version.as_str() };
+            let version = if skipped {
+                "skipped"
+            } else {
+                stage.plugin.info.version.as_str()
+            };
             processed_by.push(format!("{}@{version}", stage.plugin.name));
             current = next;
         }
-        ChainResult::Outputs { messages: current, processed_by }
+        ChainResult::Outputs {
+            messages: current,
+            processed_by,
+        }
     }
 
     /// Calls one stage through its breaker. A refused call follows the
@@ -371,7 +440,9 @@ impl Chain {
                     OpenPolicy::Pause => {
                         // Holding the message here stops this worker, and
                         // through the bounded queues, the source.
-                        std::thread::sleep(retry_at.saturating_duration_since(std::time::Instant::now()));
+                        std::thread::sleep(
+                            retry_at.saturating_duration_since(std::time::Instant::now()),
+                        );
                     }
                 },
             }
@@ -392,7 +463,9 @@ impl Chain {
     }
 
     fn report(&self, index: usize, transition: Option<Transition>) {
-        let Some(Transition { from, to }) = transition else { return };
+        let Some(Transition { from, to }) = transition else {
+            return;
+        };
         let stage = &self.stages[index].plugin.name;
         if to == BreakerState::Open {
             stats::add(&self.stats.breaker_opened, 1);
@@ -404,14 +477,20 @@ impl Chain {
 
     /// Calls one stage, retrying transient errors with exponential backoff
     /// and jitter. A trap or timeout discards the instance.
-    fn call_with_retries(&mut self, index: usize, message: &Message) -> Result<Outcome, (FailureKind, String)> {
+    fn call_with_retries(
+        &mut self,
+        index: usize,
+        message: &Message,
+    ) -> Result<Outcome, (FailureKind, String)> {
         let stage = &self.stages[index];
         let plugin = stage.plugin.clone();
         let pipeline = self.pipeline.clone();
         let slot = &mut self.instances[index];
         let attempt = || -> Result<Outcome, (FailureKind, String)> {
             if slot.is_none() {
-                let instance = plugin.instantiate().map_err(|e| (FailureKind::Trap, e.to_string()))?;
+                let instance = plugin
+                    .instantiate()
+                    .map_err(|e| (FailureKind::Trap, e.to_string()))?;
                 *slot = Some(instance);
             }
             let instance = slot.as_mut().expect("instance was just created");
@@ -477,9 +556,15 @@ async fn sink_loop(
     let task = format!("sink task {pipeline}");
     let mut batch = Vec::with_capacity(SINK_BATCH);
     while results.recv_many(&mut batch, SINK_BATCH).await > 0 {
-        let written = std::panic::AssertUnwindSafe(write_batch(&pipeline, &batch, &sinks, &dead_letters, &stats))
-            .catch_unwind()
-            .await;
+        let written = std::panic::AssertUnwindSafe(write_batch(
+            &pipeline,
+            &batch,
+            &sinks,
+            &dead_letters,
+            &stats,
+        ))
+        .catch_unwind()
+        .await;
         let mut restart = true;
         if let Err(panic) = written {
             let reason = crate::supervisor::panic_text(&panic);
@@ -490,7 +575,9 @@ async fn sink_loop(
                     pipeline: pipeline.clone(),
                     stage: "sink".to_owned(),
                     kind: FailureKind::HostPanic,
-                    reason: format!("the host panicked while writing the message to the sinks: {reason}"),
+                    reason: format!(
+                        "the host panicked while writing the message to the sinks: {reason}"
+                    ),
                     message: processed.job.message.clone(),
                     topic_bytes: None,
                 })
@@ -523,27 +610,32 @@ async fn write_batch(
     let mut records = 0;
     for processed in batch {
         match &processed.result {
-            ChainResult::Outputs { messages, processed_by } => {
-                match write_outputs(pipeline, sinks, messages, processed_by).await {
-                    Ok(()) => {
-                        delivered += 1;
-                        records += messages.len() as u64;
-                    }
-                    Err((stage, reason)) => letters.push(DeadLetter {
-                        pipeline: pipeline.to_owned(),
-                        stage,
-                        kind: FailureKind::Sink,
-                        reason,
-                        message: processed.job.message.clone(),
-                        topic_bytes: None,
-                    }),
+            ChainResult::Outputs {
+                messages,
+                processed_by,
+            } => match write_outputs(pipeline, sinks, messages, processed_by).await {
+                Ok(()) => {
+                    delivered += 1;
+                    records += messages.len() as u64;
                 }
-            }
+                Err((stage, reason)) => letters.push(DeadLetter {
+                    pipeline: pipeline.to_owned(),
+                    stage,
+                    kind: FailureKind::Sink,
+                    reason,
+                    message: processed.job.message.clone(),
+                    topic_bytes: None,
+                }),
+            },
             ChainResult::Dropped { stage, reason } => {
                 tracing::debug!(pipeline, stage, reason, topic = %processed.job.message.topic, "message dropped by a stage");
                 dropped += 1;
             }
-            ChainResult::Failed { stage, kind, reason } => {
+            ChainResult::Failed {
+                stage,
+                kind,
+                reason,
+            } => {
                 tracing::warn!(pipeline, stage, kind = kind.as_str(), reason, topic = %processed.job.message.topic, "message dead-lettered");
                 letters.push(DeadLetter {
                     pipeline: pipeline.to_owned(),
@@ -559,7 +651,10 @@ async fn write_batch(
 
     for sink in sinks {
         if let SinkTarget::File(file) = &sink.target {
-            write_through_breaker(pipeline, sink, || file.lock().unwrap_or_else(|e| e.into_inner()).flush()).await;
+            write_through_breaker(pipeline, sink, || {
+                file.lock().unwrap_or_else(|e| e.into_inner()).flush()
+            })
+            .await;
         }
     }
     if !letters.is_empty() {
@@ -583,15 +678,20 @@ async fn write_outputs(
     processed_by: &[String],
 ) -> Result<(), (String, String)> {
     #[cfg(feature = "fault-injection")]
-    if outputs.iter().any(|m| m.topic.contains(FAULT_INJECTION_SINK_TOPIC_LEVEL)) {
+    if outputs
+        .iter()
+        .any(|m| m.topic.contains(FAULT_INJECTION_SINK_TOPIC_LEVEL))
+    {
         panic!("fault injected in the sink task");
     }
     let mut topics = Vec::new();
     for sink in sinks {
         if let SinkTarget::Mqtt(mqtt) = &sink.target {
             for message in outputs {
-                let topic =
-                    mqtt.topic.render(pipeline, message).map_err(|reason| (format!("sink:{}", sink.name), reason))?;
+                let topic = mqtt
+                    .topic
+                    .render(pipeline, message)
+                    .map_err(|reason| (format!("sink:{}", sink.name), reason))?;
                 topics.push(topic);
             }
         }
@@ -603,7 +703,13 @@ async fn write_outputs(
             SinkTarget::File(file) => {
                 let lines: Vec<serde_json::Value> = outputs
                     .iter()
-                    .map(|message| crate::sink::record_json(&Record { pipeline, message, processed_by }))
+                    .map(|message| {
+                        crate::sink::record_json(&Record {
+                            pipeline,
+                            message,
+                            processed_by,
+                        })
+                    })
                     .collect();
                 write_through_breaker(pipeline, sink, || {
                     let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
@@ -668,16 +774,32 @@ async fn write_through_breaker<E: std::fmt::Display>(
 }
 
 fn log_sink_transition(pipeline: &str, sink: &str, transition: Option<Transition>) {
-    let Some(Transition { from, to }) = transition else { return };
+    let Some(Transition { from, to }) = transition else {
+        return;
+    };
     if to == BreakerState::Open {
-        tracing::warn!(pipeline, sink, from = from.as_str(), "sink circuit breaker opened; the pipeline holds its messages");
+        tracing::warn!(
+            pipeline,
+            sink,
+            from = from.as_str(),
+            "sink circuit breaker opened; the pipeline holds its messages"
+        );
     } else {
-        tracing::info!(pipeline, sink, from = from.as_str(), to = to.as_str(), "sink circuit breaker changed state");
+        tracing::info!(
+            pipeline,
+            sink,
+            from = from.as_str(),
+            to = to.as_str(),
+            "sink circuit breaker changed state"
+        );
     }
 }
 
 /// Retries a write with capped exponential backoff until it succeeds.
-async fn retry_until_ok<E: std::fmt::Display>(what: &str, mut write: impl FnMut() -> Result<(), E>) {
+async fn retry_until_ok<E: std::fmt::Display>(
+    what: &str,
+    mut write: impl FnMut() -> Result<(), E>,
+) {
     let mut backoff = crate::source::ReconnectBackoff::new();
     loop {
         match write() {

@@ -27,11 +27,17 @@ pub fn ensure_target() -> anyhow::Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup; install Rust with rustup (https://rustup.rs)")?;
-    if String::from_utf8_lossy(&output.stdout).lines().any(|line| line.trim() == TARGET) {
+    if String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .any(|line| line.trim() == TARGET)
+    {
         return Ok(());
     }
     tracing::info!(target = TARGET, "adding the Rust target");
-    let status = Command::new("rustup").args(["target", "add", TARGET]).status().context("rustup target add")?;
+    let status = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .status()
+        .context("rustup target add")?;
     if !status.success() {
         bail!("`rustup target add {TARGET}` failed with {status}");
     }
@@ -45,11 +51,17 @@ pub fn ensure_target() -> anyhow::Result<()> {
 /// # Errors
 ///
 /// Fails when the target cannot be added, cargo fails, or a copy fails.
-pub fn build(workspace: &Path, packages: &[String], plugin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn build(
+    workspace: &Path,
+    packages: &[String],
+    plugin_dir: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     ensure_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(cargo);
-    command.current_dir(workspace).args(["build", "--release", "--target", TARGET]);
+    command
+        .current_dir(workspace)
+        .args(["build", "--release", "--target", TARGET]);
     for package in packages {
         command.args(["-p", package]);
     }
@@ -58,8 +70,10 @@ pub fn build(workspace: &Path, packages: &[String], plugin_dir: &Path) -> anyhow
         bail!("building the plugins failed ({status}); cargo's output above names the error");
     }
 
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
-    std::fs::create_dir_all(plugin_dir).with_context(|| format!("cannot create {}", plugin_dir.display()))?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    std::fs::create_dir_all(plugin_dir)
+        .with_context(|| format!("cannot create {}", plugin_dir.display()))?;
     let mut copied = Vec::new();
     for package in packages {
         let file = format!("{}.wasm", package.replace('-', "_"));

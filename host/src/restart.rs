@@ -26,12 +26,20 @@ pub struct RestartPolicy {
 
 impl RestartPolicy {
     pub fn new(max_restarts: usize, window: Duration) -> Self {
-        Self { max_restarts, window, recent: VecDeque::new() }
+        Self {
+            max_restarts,
+            window,
+            recent: VecDeque::new(),
+        }
     }
 
     /// Records a failure at `now` and decides.
     pub fn on_failure(&mut self, now: Instant) -> RestartDecision {
-        while self.recent.front().is_some_and(|at| now.duration_since(*at) >= self.window) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= self.window)
+        {
             self.recent.pop_front();
         }
         self.recent.push_back(now);
@@ -52,10 +60,22 @@ mod tests {
     fn restarts_up_to_the_limit_then_escalates() {
         let start = Instant::now();
         let mut policy = RestartPolicy::new(3, Duration::from_secs(10));
-        assert_eq!(policy.on_failure(start), RestartDecision::Restart { restarts: 1 });
-        assert_eq!(policy.on_failure(start), RestartDecision::Restart { restarts: 2 });
-        assert_eq!(policy.on_failure(start), RestartDecision::Restart { restarts: 3 });
-        assert_eq!(policy.on_failure(start), RestartDecision::Escalate { restarts: 4 });
+        assert_eq!(
+            policy.on_failure(start),
+            RestartDecision::Restart { restarts: 1 }
+        );
+        assert_eq!(
+            policy.on_failure(start),
+            RestartDecision::Restart { restarts: 2 }
+        );
+        assert_eq!(
+            policy.on_failure(start),
+            RestartDecision::Restart { restarts: 3 }
+        );
+        assert_eq!(
+            policy.on_failure(start),
+            RestartDecision::Escalate { restarts: 4 }
+        );
     }
 
     #[test]
@@ -65,13 +85,22 @@ mod tests {
         policy.on_failure(start);
         policy.on_failure(start + Duration::from_secs(1));
         // The first failure is exactly one window old and no longer counts.
-        assert_eq!(policy.on_failure(start + Duration::from_secs(10)), RestartDecision::Restart { restarts: 2 });
-        assert_eq!(policy.on_failure(start + Duration::from_secs(10)), RestartDecision::Escalate { restarts: 3 });
+        assert_eq!(
+            policy.on_failure(start + Duration::from_secs(10)),
+            RestartDecision::Restart { restarts: 2 }
+        );
+        assert_eq!(
+            policy.on_failure(start + Duration::from_secs(10)),
+            RestartDecision::Escalate { restarts: 3 }
+        );
     }
 
     #[test]
     fn zero_restarts_escalates_at_once() {
         let mut policy = RestartPolicy::new(0, Duration::from_secs(1));
-        assert_eq!(policy.on_failure(Instant::now()), RestartDecision::Escalate { restarts: 1 });
+        assert_eq!(
+            policy.on_failure(Instant::now()),
+            RestartDecision::Escalate { restarts: 1 }
+        );
     }
 }

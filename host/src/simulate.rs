@@ -48,9 +48,18 @@ pub struct DeviceMessage {
 /// Fails only if the bundled files are malformed, naming file and row.
 pub fn bundled_messages() -> anyhow::Result<Vec<Vec<DeviceMessage>>> {
     Ok(vec![
-        rows(BUOY, "buoy-sea-temperature.csv", "buoy_b01", "temperature", |row, _| {
-            Ok((row[0].to_owned(), json!({ "temperature_c": number(&row[1])? })))
-        })?,
+        rows(
+            BUOY,
+            "buoy-sea-temperature.csv",
+            "buoy_b01",
+            "temperature",
+            |row, _| {
+                Ok((
+                    row[0].to_owned(),
+                    json!({ "temperature_c": number(&row[1])? }),
+                ))
+            },
+        )?,
         rows(GPS, "gps-track.csv", "bike_001", "gps", |row, index| {
             let time = time::OffsetDateTime::from_unix_timestamp(GPS_START_UNIX + index as i64)?;
             let stamp = time.format(&time::format_description::well_known::Rfc3339)?;
@@ -59,18 +68,24 @@ pub fn bundled_messages() -> anyhow::Result<Vec<Vec<DeviceMessage>>> {
                 json!({ "latitude": number(&row[1])?, "longitude": number(&row[0])?, "altitude_m": number(&row[2])? }),
             ))
         })?,
-        rows(OFFICE, "office-occupancy.csv", "office_room_1", "environment", |row, _| {
-            let stamp = format!("{}+01:00", row[0].replacen(' ', "T", 1));
-            Ok((
-                stamp,
-                json!({
-                    "temperature_c": number(&row[1])?,
-                    "humidity_pct": number(&row[2])?,
-                    "light_lux": number(&row[3])?,
-                    "co2_ppm": number(&row[4])?,
-                }),
-            ))
-        })?,
+        rows(
+            OFFICE,
+            "office-occupancy.csv",
+            "office_room_1",
+            "environment",
+            |row, _| {
+                let stamp = format!("{}+01:00", row[0].replacen(' ', "T", 1));
+                Ok((
+                    stamp,
+                    json!({
+                        "temperature_c": number(&row[1])?,
+                        "humidity_pct": number(&row[2])?,
+                        "light_lux": number(&row[3])?,
+                        "co2_ppm": number(&row[4])?,
+                    }),
+                ))
+            },
+        )?,
         rows(WATER, "water-flow.csv", "pipe_001", "flow", |row, _| {
             Ok((row[0].to_owned(), json!({ "flow_lps": number(&row[1])? })))
         })?,
@@ -78,8 +93,13 @@ pub fn bundled_messages() -> anyhow::Result<Vec<Vec<DeviceMessage>>> {
 }
 
 fn number(text: &str) -> anyhow::Result<Value> {
-    let value: f64 = text.trim().parse().with_context(|| format!("\"{text}\" is not a number"))?;
-    serde_json::Number::from_f64(value).map(Value::Number).with_context(|| format!("{text} is not finite"))
+    let value: f64 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("\"{text}\" is not a number"))?;
+    serde_json::Number::from_f64(value)
+        .map(Value::Number)
+        .with_context(|| format!("{text} is not finite"))
 }
 
 fn rows(
@@ -93,7 +113,8 @@ fn rows(
     let mut messages = Vec::new();
     for (index, row) in reader.records().enumerate() {
         let row = row.with_context(|| format!("{file}: row {}", index + 2))?;
-        let (timestamp, data) = convert(&row, index).with_context(|| format!("{file}: row {}", index + 2))?;
+        let (timestamp, data) =
+            convert(&row, index).with_context(|| format!("{file}: row {}", index + 2))?;
         let mut payload = Map::new();
         // Office sensors send no device id; see the module documentation.
         if device_id != "office_room_1" {
@@ -156,7 +177,11 @@ pub async fn replay(options: &SimulateOptions) -> anyhow::Result<u64> {
     }
     let total = order.len() as u64;
 
-    let mut mqtt = MqttOptions::new(options.client_id.clone(), options.host.clone(), options.port);
+    let mut mqtt = MqttOptions::new(
+        options.client_id.clone(),
+        options.host.clone(),
+        options.port,
+    );
     mqtt.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(mqtt, 256);
 
@@ -164,7 +189,8 @@ pub async fn replay(options: &SimulateOptions) -> anyhow::Result<u64> {
     let rate = options.rate;
     let publisher = tokio::spawn(async move {
         let mut ticker = (rate > 0).then(|| {
-            let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            let mut interval =
+                tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             interval
         });
@@ -172,7 +198,9 @@ pub async fn replay(options: &SimulateOptions) -> anyhow::Result<u64> {
             if let Some(ticker) = ticker.as_mut() {
                 ticker.tick().await;
             }
-            client.publish(message.topic, qos, false, message.payload.to_string()).await?;
+            client
+                .publish(message.topic, qos, false, message.payload.to_string())
+                .await?;
         }
         anyhow::Ok(client)
     });
@@ -183,9 +211,14 @@ pub async fn replay(options: &SimulateOptions) -> anyhow::Result<u64> {
     let mut publisher = Some(publisher);
     let mut client = None;
     while confirmed < total {
-        let event = eventloop.poll().await.context("simulator lost its broker connection")?;
+        let event = eventloop
+            .poll()
+            .await
+            .context("simulator lost its broker connection")?;
         match event {
-            Event::Incoming(Packet::PubAck(_)) | Event::Incoming(Packet::PubComp(_)) => confirmed += 1,
+            Event::Incoming(Packet::PubAck(_)) | Event::Incoming(Packet::PubComp(_)) => {
+                confirmed += 1
+            }
             Event::Outgoing(Outgoing::Publish(_)) => {
                 sent += 1;
                 if qos == QoS::AtMostOnce {
@@ -229,7 +262,10 @@ mod tests {
         assert_eq!(devices[1][1].payload["timestamp"], "2025-06-05T14:30:01Z");
         assert_eq!(devices[1][0].payload["data"]["latitude"], json!(51.5782653));
         assert_eq!(devices[2][0].payload.get("device_id"), None);
-        assert_eq!(devices[2][0].payload["timestamp"], "2015-02-04T17:51:00+01:00");
+        assert_eq!(
+            devices[2][0].payload["timestamp"],
+            "2015-02-04T17:51:00+01:00"
+        );
         assert_eq!(devices[2][0].topic, "devices/office_room_1/telemetry");
         assert_eq!(devices[3][0].payload["data"]["flow_lps"], json!(100.59));
     }

@@ -40,7 +40,10 @@ impl TopicTemplate {
             if open > 0 {
                 parts.push(TemplatePart::Literal(rest[..open].to_owned()));
             }
-            let close = rest[open..].find('}').ok_or_else(|| format!("unclosed \"{{\" in \"{text}\""))? + open;
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed \"{{\" in \"{text}\""))?
+                + open;
             let name = &rest[open + 1..close];
             parts.push(match name {
                 "pipeline" => TemplatePart::Pipeline,
@@ -48,7 +51,9 @@ impl TopicTemplate {
                 _ => {
                     if let Some(field) = name.strip_prefix("payload.").filter(|f| !f.is_empty()) {
                         TemplatePart::PayloadField(field.to_owned())
-                    } else if let Some(header) = name.strip_prefix("header.").filter(|h| !h.is_empty()) {
+                    } else if let Some(header) =
+                        name.strip_prefix("header.").filter(|h| !h.is_empty())
+                    {
                         TemplatePart::Header(header.to_owned())
                     } else {
                         return Err(format!("unknown placeholder \"{{{name}}}\" in \"{text}\""));
@@ -61,12 +66,17 @@ impl TopicTemplate {
             parts.push(TemplatePart::Literal(rest.to_owned()));
         }
         if text.contains(['+', '#']) {
-            return Err(format!("\"{text}\" contains a wildcard, which a publish topic must not"));
+            return Err(format!(
+                "\"{text}\" contains a wildcard, which a publish topic must not"
+            ));
         }
         if text.is_empty() {
             return Err("the topic template is empty".to_owned());
         }
-        Ok(Self { parts, text: text.to_owned() })
+        Ok(Self {
+            parts,
+            text: text.to_owned(),
+        })
     }
 
     /// Builds the topic for `message` of `pipeline`.
@@ -95,7 +105,12 @@ impl TopicTemplate {
                     .iter()
                     .find(|(k, _)| k == name)
                     .map(|(_, v)| v.clone())
-                    .ok_or_else(|| format!("topic template \"{}\": the message has no header \"{name}\"", self.text))?,
+                    .ok_or_else(|| {
+                        format!(
+                            "topic template \"{}\": the message has no header \"{name}\"",
+                            self.text
+                        )
+                    })?,
                 TemplatePart::PayloadField(field) => {
                     let object = payload.get_or_insert_with(|| {
                         serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null)
@@ -152,7 +167,9 @@ pub fn record_json(record: &Record<'_>) -> serde_json::Value {
     match serde_json::from_slice::<serde_json::Value>(&message.payload) {
         Ok(payload) => object["payload"] = payload,
         Err(_) => {
-            object["payload_base64"] = base64::engine::general_purpose::STANDARD.encode(&message.payload).into();
+            object["payload_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(&message.payload)
+                .into();
         }
     }
     object
@@ -180,9 +197,16 @@ impl FileSink {
     /// Returns the I/O error with the path.
     pub fn open(path: &Path) -> Result<Self, SinkError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| SinkError::Io { path: path.to_owned(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| SinkError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         }
-        let mut sink = Self { path: path.to_owned(), writer: None, verified: false };
+        let mut sink = Self {
+            path: path.to_owned(),
+            writer: None,
+            verified: false,
+        };
         sink.writer()?;
         Ok(sink)
     }
@@ -190,7 +214,10 @@ impl FileSink {
     /// The open writer, opening the file first when there is none or when
     /// the path no longer names the open file.
     fn writer(&mut self) -> Result<&mut BufWriter<File>, SinkError> {
-        let io = |source| SinkError::Io { path: self.path.clone(), source };
+        let io = |source| SinkError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let stale = match &self.writer {
             None => true,
             Some(_) if self.verified => false,
@@ -203,7 +230,12 @@ impl FileSink {
                 // the unacknowledged messages come back from the broker.
                 let _ = old.flush();
             }
-            let mut file = OpenOptions::new().create(true).append(true).read(true).open(&self.path).map_err(io)?;
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&self.path)
+                .map_err(io)?;
             end_with_newline(&mut file).map_err(io)?;
             self.writer = Some(BufWriter::with_capacity(256 * 1024, file));
         }
@@ -212,7 +244,10 @@ impl FileSink {
 
     pub fn write_json(&mut self, value: &serde_json::Value) -> Result<(), SinkError> {
         let path = self.path.clone();
-        let io = |source| SinkError::Io { path: path.clone(), source };
+        let io = |source| SinkError::Io {
+            path: path.clone(),
+            source,
+        };
         let writer = self.writer()?;
         serde_json::to_writer(&mut *writer, value).map_err(|e| io(e.into()))?;
         writer.write_all(b"\n").map_err(io)
@@ -266,7 +301,10 @@ fn end_with_newline(file: &mut File) -> std::io::Result<()> {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("cannot write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot publish to the broker: {0}")]
     Publish(#[from] rumqttc::ClientError),
 }
@@ -312,12 +350,19 @@ impl MqttSink {
                 }
             }
         });
-        Self { client, topic, qos, retain }
+        Self {
+            client,
+            topic,
+            qos,
+            retain,
+        }
     }
 
     /// Queues one publish. Waits while the client's request queue is full.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SinkError> {
-        self.client.publish(topic, self.qos, self.retain, payload).await?;
+        self.client
+            .publish(topic, self.qos, self.retain, payload)
+            .await?;
         Ok(())
     }
 }
@@ -338,15 +383,26 @@ pub enum SinkTarget {
 }
 
 impl Sink {
-    pub fn new(name: String, target: SinkTarget, breaker: &crate::config::SinkBreakerConfig) -> Self {
+    pub fn new(
+        name: String,
+        target: SinkTarget,
+        breaker: &crate::config::SinkBreakerConfig,
+    ) -> Self {
         let breaker = crate::breaker::CircuitBreaker::new(
             breaker.failure_threshold,
             Duration::from_millis(breaker.cool_down_ms),
         );
-        Self { name, target, breaker: std::sync::Mutex::new(breaker) }
+        Self {
+            name,
+            target,
+            breaker: std::sync::Mutex::new(breaker),
+        }
     }
 
     pub fn breaker_state(&self) -> crate::breaker::BreakerState {
-        self.breaker.lock().unwrap_or_else(|e| e.into_inner()).state()
+        self.breaker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
     }
 }

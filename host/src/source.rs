@@ -21,7 +21,9 @@ pub struct ReconnectBackoff {
 
 impl ReconnectBackoff {
     pub fn new() -> Self {
-        Self { delays: Self::builder().build() }
+        Self {
+            delays: Self::builder().build(),
+        }
     }
 
     fn builder() -> ExponentialBuilder {
@@ -62,7 +64,11 @@ const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 /// Connects and returns the client and its event loop. Acknowledgements are
 /// manual: the host sends PUBACK only after the sinks took a message.
 pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(options.client_id.clone(), options.host.clone(), options.port);
+    let mut mqtt = MqttOptions::new(
+        options.client_id.clone(),
+        options.host.clone(),
+        options.port,
+    );
     mqtt.set_keep_alive(options.keep_alive);
     // The client accepts packets up to the protocol's maximum, and the
     // router dead-letters payloads over the configured limit. A limit in the
@@ -123,11 +129,20 @@ pub async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                route(&pipelines, publish, &ack_queue, max_payload_bytes, &mut pending);
+                route(
+                    &pipelines,
+                    publish,
+                    &ack_queue,
+                    max_payload_bytes,
+                    &mut pending,
+                );
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
-                tracing::info!(session_present = ack.session_present, "connected to the broker");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
                 if ack.session_present {
                     connected.send_replace(true);
                 } else {
@@ -137,9 +152,17 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack.return_codes.iter().filter(|code| matches!(code, SubscribeReasonCode::Failure)).count();
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .filter(|code| matches!(code, SubscribeReasonCode::Failure))
+                    .count();
                 if refused > 0 {
-                    tracing::error!(pkid = ack.pkid, refused, "the broker refused a subscription; check its ACL for this client");
+                    tracing::error!(
+                        pkid = ack.pkid,
+                        refused,
+                        "the broker refused a subscription; check its ACL for this client"
+                    );
                 } else {
                     tracing::info!(pkid = ack.pkid, "subscribed");
                 }
@@ -257,14 +280,23 @@ fn route(
     if message.payload.len() > max_payload_bytes {
         // Marked here, dead-lettered by the workers without calling a
         // plugin, so that the stored message keeps its place in the order.
-        message.headers.push((OVERSIZED_HEADER.to_owned(), max_payload_bytes.to_string()));
+        message
+            .headers
+            .push((OVERSIZED_HEADER.to_owned(), max_payload_bytes.to_string()));
     }
     // NOTE: the device key is the topic, which is one device per topic in the
     // usual devices/{id}/... layout; keys taken from the payload are not
     // supported yet.
     for index in matching {
         let worker = pipelines[index].worker_for(&publish.topic);
-        pending.push_back(Routed { pipeline: index, worker, job: Job { message: message.clone(), ack: ack.clone() } });
+        pending.push_back(Routed {
+            pipeline: index,
+            worker,
+            job: Job {
+                message: message.clone(),
+                ack: ack.clone(),
+            },
+        });
     }
 }
 

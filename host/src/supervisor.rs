@@ -30,18 +30,33 @@ impl Supervisor {
     /// Records that task `name` failed with `reason`. Returns `true` when
     /// the task should restart, `false` when the failure escalated.
     pub fn restarted(&self, name: &str, reason: &str) -> bool {
-        let decision = self.policy.lock().unwrap_or_else(|e| e.into_inner()).on_failure(Instant::now());
+        let decision = self
+            .policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_failure(Instant::now());
         match decision {
             RestartDecision::Restart { restarts } => {
-                self.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(task = name, reason, restarts_in_window = restarts, "task failed; restarting it");
+                self.restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    task = name,
+                    reason,
+                    restarts_in_window = restarts,
+                    "task failed; restarting it"
+                );
                 true
             }
             RestartDecision::Escalate { restarts } => {
                 let text = format!(
                     "task \"{name}\" failed ({reason}); {restarts} restarts within the restart window exceed the limit"
                 );
-                tracing::error!(task = name, reason, restarts_in_window = restarts, "restart intensity exceeded; shutting the host down");
+                tracing::error!(
+                    task = name,
+                    reason,
+                    restarts_in_window = restarts,
+                    "restart intensity exceeded; shutting the host down"
+                );
                 self.escalated.send_replace(Some(text));
                 false
             }
@@ -51,8 +66,13 @@ impl Supervisor {
     /// Stops the host at once because task `name` failed in a way it cannot
     /// be restarted from.
     pub fn escalate(&self, name: &str, reason: &str) {
-        tracing::error!(task = name, reason, "task failed and cannot be restarted; shutting the host down");
-        self.escalated.send_replace(Some(format!("task \"{name}\" failed ({reason})")));
+        tracing::error!(
+            task = name,
+            reason,
+            "task failed and cannot be restarted; shutting the host down"
+        );
+        self.escalated
+            .send_replace(Some(format!("task \"{name}\" failed ({reason})")));
     }
 
     /// Restarts so far.

@@ -33,10 +33,15 @@ impl TopicFilter {
                 ));
             }
             if level.contains('+') && *level != "+" {
-                return Err(format!("\"+\" must be a whole level, but level {} is \"{level}\"", index + 1));
+                return Err(format!(
+                    "\"+\" must be a whole level, but level {} is \"{level}\"",
+                    index + 1
+                ));
             }
         }
-        Ok(Self { text: filter.to_owned() })
+        Ok(Self {
+            text: filter.to_owned(),
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -88,20 +93,32 @@ mod tests {
             TopicFilter::parse("a/b#").unwrap_err(),
             "\"#\" must be a whole level and the last one, but level 2 is \"b#\""
         );
-        assert_eq!(TopicFilter::parse("a/b+/c").unwrap_err(), "\"+\" must be a whole level, but level 2 is \"b+\"");
-        assert_eq!(TopicFilter::parse("").unwrap_err(), "a topic filter must not be empty");
+        assert_eq!(
+            TopicFilter::parse("a/b+/c").unwrap_err(),
+            "\"+\" must be a whole level, but level 2 is \"b+\""
+        );
+        assert_eq!(
+            TopicFilter::parse("").unwrap_err(),
+            "a topic filter must not be empty"
+        );
     }
 
     #[test]
     fn parse_accepts_valid_filters() {
         for filter in ["#", "+", "a/+/c", "a/#", "/", "sport//tennis/+/#", "$SYS/#"] {
-            assert!(TopicFilter::parse(filter).is_ok(), "{filter} should be valid");
+            assert!(
+                TopicFilter::parse(filter).is_ok(),
+                "{filter} should be valid"
+            );
         }
     }
 
     #[test]
     fn single_level_wildcard() {
-        assert!(matches("devices/+/telemetry", "devices/robot_001/telemetry"));
+        assert!(matches(
+            "devices/+/telemetry",
+            "devices/robot_001/telemetry"
+        ));
         assert!(!matches("devices/+/telemetry", "devices/robot_001/status"));
         assert!(!matches("devices/+/telemetry", "devices/a/b/telemetry"));
         assert!(matches("devices/+/telemetry", "devices//telemetry"));
@@ -118,7 +135,10 @@ mod tests {
 
     #[test]
     fn empty_levels_and_leading_slash() {
-        assert!(matches("sport//tennis/player1/#", "sport//tennis/player1//wimbledon"));
+        assert!(matches(
+            "sport//tennis/player1/#",
+            "sport//tennis/player1//wimbledon"
+        ));
         assert!(!matches("sport/tennis/player1/#", "sport//tennis/player1"));
         assert!(matches("/+", "/finance"));
         assert!(!matches("+", "/finance"));

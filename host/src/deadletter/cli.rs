@@ -149,17 +149,27 @@ pub async fn execute(command: DeadLetterCommand) -> anyhow::Result<()> {
 /// See [`execute`].
 pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     match command {
-        DeadLetterCommand::List { config, filter, limit, after_id, json } => {
+        DeadLetterCommand::List {
+            config,
+            filter,
+            limit,
+            after_id,
+            json,
+        } => {
             let store = open_store(&config.config)?;
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            let filter = ListFilter { limit: Some(limit), after_id, ..filter.into_filter() };
+            let filter = ListFilter {
+                limit: Some(limit),
+                after_id,
+                ..filter.into_filter()
+            };
             list(&store, &filter, json, out)
         }
         DeadLetterCommand::Show { config, id, json } => {
             let store = open_store(&config.config)?;
-            let letter = store
-                .get(id)?
-                .with_context(|| format!("dead letter {id} not found in {}", store.path().display()))?;
+            let letter = store.get(id)?.with_context(|| {
+                format!("dead letter {id} not found in {}", store.path().display())
+            })?;
             if json {
                 writeln!(out, "{}", letter.to_json())?;
             } else {
@@ -167,11 +177,22 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
             }
             Ok(())
         }
-        DeadLetterCommand::Replay { config, ids, filter, all, broker, skip_mqtt_sinks } => {
+        DeadLetterCommand::Replay {
+            config,
+            ids,
+            filter,
+            all,
+            broker,
+            skip_mqtt_sinks,
+        } => {
             let selection = selection("replay", ids, filter, all)?;
-            let config = Config::load(&config.config).map_err(|errors| anyhow::anyhow!("{errors}"))?;
+            let config =
+                Config::load(&config.config).map_err(|errors| anyhow::anyhow!("{errors}"))?;
             let store = open_existing(&config.dead_letter_path, &config.file)?;
-            let options = ReplayOptions { broker, skip_mqtt_sinks };
+            let options = ReplayOptions {
+                broker,
+                skip_mqtt_sinks,
+            };
             let mut write_error = None;
             let summary = replay::replay(&config, &store, &selection, &options, |id, outcome| {
                 if let Err(e) = writeln!(out, "{}", outcome_line(id, outcome)) {
@@ -194,7 +215,12 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
             )?;
             Ok(())
         }
-        DeadLetterCommand::Purge { config, ids, filter, all } => {
+        DeadLetterCommand::Purge {
+            config,
+            ids,
+            filter,
+            all,
+        } => {
             let selection = selection("purge", ids, filter, all)?;
             let store = open_store(&config.config)?;
             let purged = match selection {
@@ -218,7 +244,12 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
                 }
                 Selection::Filter(filter) => store.purge(&filter)?,
             };
-            writeln!(out, "purged {purged} dead letter{} from {}", plural(purged), store.path().display())?;
+            writeln!(
+                out,
+                "purged {purged} dead letter{} from {}",
+                plural(purged),
+                store.path().display()
+            )?;
             Ok(())
         }
     }
@@ -226,7 +257,12 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
 
 /// Checks that a replay or purge selects something, and in one way only.
 /// Repeated ids count once.
-fn selection(command: &str, mut ids: Vec<i64>, filter: FilterArgs, all: bool) -> anyhow::Result<Selection> {
+fn selection(
+    command: &str,
+    mut ids: Vec<i64>,
+    filter: FilterArgs,
+    all: bool,
+) -> anyhow::Result<Selection> {
     let mut seen = std::collections::HashSet::new();
     ids.retain(|id| seen.insert(*id));
     let filter = filter.into_filter();
@@ -274,9 +310,14 @@ fn open_existing(path: &Path, config_file: &Path) -> anyhow::Result<DeadLetterSt
 fn store_path(config_file: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(config_file)
         .with_context(|| format!("cannot read {}; pass --config FILE", config_file.display()))?;
-    let table: toml::Table =
-        text.parse().with_context(|| format!("{} is not valid TOML", config_file.display()))?;
-    let Some(path) = table.get("dead_letters").and_then(|d| d.get("path")).and_then(|p| p.as_str()) else {
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", config_file.display()))?;
+    let Some(path) = table
+        .get("dead_letters")
+        .and_then(|d| d.get("path"))
+        .and_then(|p| p.as_str())
+    else {
         bail!(
             "{}: key `dead_letters.path` is missing or not a string; add it, for example \
              [dead_letters] path = \"dead-letters.sqlite\"",
@@ -288,7 +329,12 @@ fn store_path(config_file: &Path) -> anyhow::Result<PathBuf> {
     Ok(base.join(path))
 }
 
-fn list(store: &DeadLetterStore, filter: &ListFilter, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+fn list(
+    store: &DeadLetterStore,
+    filter: &ListFilter,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let letters = store.list(filter)?;
     if json {
         for letter in &letters {
@@ -301,7 +347,10 @@ fn list(store: &DeadLetterStore, filter: &ListFilter, json: bool, out: &mut dyn 
         return Ok(());
     };
 
-    let header = ["ID", "STORED", "PIPELINE", "STAGE", "KIND", "TOPIC", "REASON"].map(str::to_owned);
+    let header = [
+        "ID", "STORED", "PIPELINE", "STAGE", "KIND", "TOPIC", "REASON",
+    ]
+    .map(str::to_owned);
     let rows: Vec<[String; 7]> = letters
         .iter()
         .map(|letter| {
@@ -323,11 +372,18 @@ fn list(store: &DeadLetterStore, filter: &ListFilter, json: bool, out: &mut dyn 
         }
     }
     for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
         writeln!(out, "{}", cells.join("  ").trim_end())?;
     }
 
-    let matching = store.count(&ListFilter { limit: None, ..filter.clone() })?;
+    let matching = store.count(&ListFilter {
+        limit: None,
+        ..filter.clone()
+    })?;
     if matching > letters.len() as u64 {
         writeln!(
             out,
@@ -336,7 +392,12 @@ fn list(store: &DeadLetterStore, filter: &ListFilter, json: bool, out: &mut dyn 
             last.id
         )?;
     } else {
-        writeln!(out, "{} dead letter{}", letters.len(), plural(letters.len()))?;
+        writeln!(
+            out,
+            "{} dead letter{}",
+            letters.len(),
+            plural(letters.len())
+        )?;
     }
     Ok(())
 }
@@ -345,9 +406,14 @@ fn show(letter: &StoredDeadLetter, out: &mut dyn Write) -> anyhow::Result<()> {
     let base64 = &base64::engine::general_purpose::STANDARD;
     let topic = match &letter.topic {
         Some(topic) => topic.clone(),
-        None => format!("(not valid UTF-8; base64) {}", base64.encode(&letter.topic_bytes)),
+        None => format!(
+            "(not valid UTF-8; base64) {}",
+            base64.encode(&letter.topic_bytes)
+        ),
     };
-    let last_replayed = letter.last_replayed_at_ms.map_or_else(|| "never".to_owned(), crate::clock::rfc3339_ms);
+    let last_replayed = letter
+        .last_replayed_at_ms
+        .map_or_else(|| "never".to_owned(), crate::clock::rfc3339_ms);
     let fields = [
         ("id", letter.id.to_string()),
         ("stored at", crate::clock::rfc3339_ms(letter.stored_at_ms)),
@@ -358,7 +424,10 @@ fn show(letter: &StoredDeadLetter, out: &mut dyn Write) -> anyhow::Result<()> {
         ("topic", topic),
         ("qos", super::store::qos_number(letter.qos).to_string()),
         ("retain", letter.retain.to_string()),
-        ("received at", crate::clock::rfc3339_ms(letter.received_at_ms)),
+        (
+            "received at",
+            crate::clock::rfc3339_ms(letter.received_at_ms),
+        ),
         ("replay count", letter.replay_count.to_string()),
         ("last replayed", last_replayed),
     ];
@@ -378,7 +447,11 @@ fn show(letter: &StoredDeadLetter, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     let size = letter.payload.len();
     match std::str::from_utf8(&letter.payload) {
-        Ok(text) => writeln!(out, "payload ({size} byte{}, UTF-8 text):\n{text}", plural(size))?,
+        Ok(text) => writeln!(
+            out,
+            "payload ({size} byte{}, UTF-8 text):\n{text}",
+            plural(size)
+        )?,
         Err(_) => writeln!(
             out,
             "payload ({size} byte{}, not valid UTF-8, base64):\n{}",
@@ -391,9 +464,18 @@ fn show(letter: &StoredDeadLetter, out: &mut dyn Write) -> anyhow::Result<()> {
 
 fn outcome_line(id: i64, outcome: &LetterOutcome) -> String {
     match outcome {
-        LetterOutcome::Delivered { records } => format!("{id}: delivered ({records} record{})", plural(*records)),
-        LetterOutcome::Dropped { stage, reason } => format!("{id}: dropped by {stage}: {}", one_line(reason)),
-        LetterOutcome::FailedAgain { stage, kind, reason, replay_count } => format!(
+        LetterOutcome::Delivered { records } => {
+            format!("{id}: delivered ({records} record{})", plural(*records))
+        }
+        LetterOutcome::Dropped { stage, reason } => {
+            format!("{id}: dropped by {stage}: {}", one_line(reason))
+        }
+        LetterOutcome::FailedAgain {
+            stage,
+            kind,
+            reason,
+            replay_count,
+        } => format!(
             "{id}: failed again at {stage} ({kind}), replay count {replay_count}: {}",
             one_line(reason)
         ),
@@ -413,7 +495,9 @@ fn topic_text(letter: &StoredDeadLetter) -> String {
 /// Replaces control characters (line breaks, tabs) with spaces, so that one
 /// value stays on one line of the table.
 fn one_line(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn truncate(text: &str, width: usize) -> String {

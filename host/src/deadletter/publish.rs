@@ -44,7 +44,12 @@ impl Publisher {
     /// # Errors
     ///
     /// Fails when the connection is refused or not made within 10 s.
-    pub async fn connect(host: &str, port: u16, client_id: String, max_packet_bytes: usize) -> anyhow::Result<Self> {
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        client_id: String,
+        max_packet_bytes: usize,
+    ) -> anyhow::Result<Self> {
         let address = format!("{host}:{port}");
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
@@ -56,7 +61,9 @@ impl Publisher {
             loop {
                 let event = match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => DriverEvent::Connected,
-                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => DriverEvent::Completed,
+                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
+                        DriverEvent::Completed
+                    }
                     // QoS 0 messages have packet id 0 and no confirmation.
                     Ok(Event::Outgoing(Outgoing::Publish(0))) => DriverEvent::Completed,
                     Ok(_) => continue,
@@ -72,13 +79,27 @@ impl Publisher {
             }
         });
 
-        let mut publisher = Self { client, events, driver, address };
+        let mut publisher = Self {
+            client,
+            events,
+            driver,
+            address,
+        };
         let first = tokio::time::timeout(CONNECT_TIMEOUT, publisher.events.recv()).await;
         match first {
             Ok(Some(DriverEvent::Connected)) => Ok(publisher),
-            Ok(Some(DriverEvent::Failed(reason))) => bail!("cannot connect to the broker at {}: {reason}", publisher.address),
-            Ok(Some(DriverEvent::Completed) | None) => bail!("the connection to the broker at {} ended", publisher.address),
-            Err(_) => bail!("the broker at {} did not accept the connection within 10 s", publisher.address),
+            Ok(Some(DriverEvent::Failed(reason))) => bail!(
+                "cannot connect to the broker at {}: {reason}",
+                publisher.address
+            ),
+            Ok(Some(DriverEvent::Completed) | None) => bail!(
+                "the connection to the broker at {} ended",
+                publisher.address
+            ),
+            Err(_) => bail!(
+                "the broker at {} did not accept the connection within 10 s",
+                publisher.address
+            ),
         }
     }
 
@@ -99,7 +120,9 @@ impl Publisher {
             self.client
                 .publish(message.topic, message.qos, message.retain, message.payload)
                 .await
-                .with_context(|| format!("the connection to the broker at {} is closed", self.address))?;
+                .with_context(|| {
+                    format!("the connection to the broker at {} is closed", self.address)
+                })?;
         }
         let mut completed = 0;
         let wait = async {
@@ -108,7 +131,10 @@ impl Publisher {
                     Some(DriverEvent::Completed) => completed += 1,
                     Some(DriverEvent::Connected) => {}
                     Some(DriverEvent::Failed(reason)) => {
-                        bail!("the connection to the broker at {} failed: {reason}", self.address)
+                        bail!(
+                            "the connection to the broker at {} failed: {reason}",
+                            self.address
+                        )
                     }
                     None => bail!("the connection to the broker at {} ended", self.address),
                 }

@@ -52,7 +52,12 @@ pub enum LetterOutcome {
     /// A stage dropped it on purpose; deleted from the store.
     Dropped { stage: String, reason: String },
     /// Failed again; kept, with the new failure and replay count.
-    FailedAgain { stage: String, kind: FailureKind, reason: String, replay_count: u64 },
+    FailedAgain {
+        stage: String,
+        kind: FailureKind,
+        reason: String,
+        replay_count: u64,
+    },
     /// Not sent through a pipeline, and left unchanged in the store.
     Skipped { reason: String },
 }
@@ -112,12 +117,16 @@ pub async fn replay(
     let result = match (chosen, selection) {
         (Some(letters), _) => {
             for batch in letters.chunks(BATCH) {
-                replayer.replay_batch(store, batch, &mut summary, &mut report).await?;
+                replayer
+                    .replay_batch(store, batch, &mut summary, &mut report)
+                    .await?;
             }
             Ok(summary)
         }
         (None, Selection::Filter(filter)) => {
-            replay_filtered(&mut replayer, store, filter, &mut summary, &mut report).await.map(|()| summary)
+            replay_filtered(&mut replayer, store, filter, &mut summary, &mut report)
+                .await
+                .map(|()| summary)
         }
         (None, Selection::Ids(_)) => unreachable!("ids are read above"),
     };
@@ -135,7 +144,11 @@ fn read_ids(store: &DeadLetterStore, ids: &[i64]) -> anyhow::Result<Vec<StoredDe
         }
     }
     if !missing.is_empty() {
-        bail!("dead letters not found in {}: {}; nothing was replayed", store.path().display(), missing.join(", "));
+        bail!(
+            "dead letters not found in {}: {}; nothing was replayed",
+            store.path().display(),
+            missing.join(", ")
+        );
     }
     Ok(letters)
 }
@@ -150,17 +163,25 @@ async fn replay_filtered(
     summary: &mut ReplaySummary,
     report: &mut impl FnMut(i64, &LetterOutcome),
 ) -> anyhow::Result<()> {
-    let Some(last_id) = store.last_id()? else { return Ok(()) };
+    let Some(last_id) = store.last_id()? else {
+        return Ok(());
+    };
     let mut remaining = filter.limit.unwrap_or(usize::MAX);
     let mut after_id = filter.after_id;
     while remaining > 0 {
-        let page = ListFilter { limit: Some(remaining.min(BATCH)), after_id, ..filter.clone() };
+        let page = ListFilter {
+            limit: Some(remaining.min(BATCH)),
+            after_id,
+            ..filter.clone()
+        };
         let mut letters = store.list(&page)?;
         letters.retain(|letter| letter.id <= last_id);
         let Some(last) = letters.last() else { break };
         after_id = Some(last.id);
         remaining -= letters.len();
-        replayer.replay_batch(store, &letters, summary, report).await?;
+        replayer
+            .replay_batch(store, &letters, summary, report)
+            .await?;
     }
     Ok(())
 }
@@ -202,9 +223,15 @@ impl Replayer {
     /// Loads the plugins of `pipelines`, opens their file sinks and
     /// connects for their MQTT sinks. Pipelines missing from the config are
     /// left out; their letters are skipped.
-    async fn start(config: &Config, pipelines: &BTreeSet<String>, options: &ReplayOptions) -> anyhow::Result<Self> {
-        let present: Vec<&crate::config::PipelineConfig> =
-            pipelines.iter().filter_map(|name| config.pipelines.get(name)).collect();
+    async fn start(
+        config: &Config,
+        pipelines: &BTreeSet<String>,
+        options: &ReplayOptions,
+    ) -> anyhow::Result<Self> {
+        let present: Vec<&crate::config::PipelineConfig> = pipelines
+            .iter()
+            .filter_map(|name| config.pipelines.get(name))
+            .collect();
         let mut replayer = Self {
             config_file: config.file.clone(),
             routes: BTreeMap::new(),
@@ -224,18 +251,31 @@ impl Replayer {
             }
             let plugin_config = config.plugins[name].clone();
             let loader = runtime.clone();
-            let loaded = tokio::task::spawn_blocking(move || LoadedPlugin::load(&loader, &plugin_config))
-                .await
-                .context("loading a plugin panicked")??;
+            let loaded =
+                tokio::task::spawn_blocking(move || LoadedPlugin::load(&loader, &plugin_config))
+                    .await
+                    .context("loading a plugin panicked")??;
             plugins.insert(name.clone(), Arc::new(loaded));
         }
 
         let mut mqtt_users = Vec::new();
         for pipeline in &present {
-            let stages: Arc<[Stage]> =
-                pipeline.stages.iter().map(|s| Stage::new(plugins[s].clone())).collect::<Vec<_>>().into();
-            let chain = Chain::new(pipeline.name.clone(), stages, Arc::new(PipelineStats::default()));
-            let mut route = Route { chain: Some(chain), file_sinks: Vec::new(), mqtt_sinks: Vec::new() };
+            let stages: Arc<[Stage]> = pipeline
+                .stages
+                .iter()
+                .map(|s| Stage::new(plugins[s].clone()))
+                .collect::<Vec<_>>()
+                .into();
+            let chain = Chain::new(
+                pipeline.name.clone(),
+                stages,
+                Arc::new(PipelineStats::default()),
+            );
+            let mut route = Route {
+                chain: Some(chain),
+                file_sinks: Vec::new(),
+                mqtt_sinks: Vec::new(),
+            };
             for name in &pipeline.sinks {
                 match &config.sinks[name].kind {
                     SinkKind::File { path } => {
@@ -274,7 +314,10 @@ impl Replayer {
                         mqtt_users.join(", ")
                     )
                 })?;
-            tracing::info!(broker = publisher.address(), "replay publishes the MQTT sinks' messages to this broker");
+            tracing::info!(
+                broker = publisher.address(),
+                "replay publishes the MQTT sinks' messages to this broker"
+            );
             replayer.publisher = Some(publisher);
         }
         replayer._runtime = Some(runtime);
@@ -301,8 +344,15 @@ impl Replayer {
         let mut failures = Vec::new();
         for (letter, outcome) in &outcomes {
             match outcome {
-                LetterOutcome::Delivered { .. } | LetterOutcome::Dropped { .. } => finished.push(letter.id),
-                LetterOutcome::FailedAgain { stage, kind, reason, .. } => failures.push(ReplayFailure {
+                LetterOutcome::Delivered { .. } | LetterOutcome::Dropped { .. } => {
+                    finished.push(letter.id)
+                }
+                LetterOutcome::FailedAgain {
+                    stage,
+                    kind,
+                    reason,
+                    ..
+                } => failures.push(ReplayFailure {
                     id: letter.id,
                     stage: stage.clone(),
                     kind: *kind,
@@ -330,7 +380,11 @@ impl Replayer {
         deliveries: &mut Vec<Delivery>,
     ) -> anyhow::Result<LetterOutcome> {
         let Some(route) = self.routes.get_mut(&letter.pipeline) else {
-            let reason = format!("pipeline \"{}\" is not in {}", letter.pipeline, self.config_file.display());
+            let reason = format!(
+                "pipeline \"{}\" is not in {}",
+                letter.pipeline,
+                self.config_file.display()
+            );
             return Ok(LetterOutcome::Skipped { reason });
         };
         let Some(message) = letter.message() else {
@@ -338,7 +392,10 @@ impl Replayer {
             return Ok(LetterOutcome::Skipped { reason });
         };
 
-        let mut chain = route.chain.take().expect("the chain is put back after every letter");
+        let mut chain = route
+            .chain
+            .take()
+            .expect("the chain is put back after every letter");
         let (chain, result) = tokio::task::spawn_blocking(move || {
             let result = chain.run(message);
             (chain, result)
@@ -347,13 +404,24 @@ impl Replayer {
         .context("the plugin chain panicked")?;
         route.chain = Some(chain);
 
-        let failed_again = |stage: String, kind: FailureKind, reason: String| {
-            LetterOutcome::FailedAgain { stage, kind, reason, replay_count: letter.replay_count + 1 }
-        };
+        let failed_again =
+            |stage: String, kind: FailureKind, reason: String| LetterOutcome::FailedAgain {
+                stage,
+                kind,
+                reason,
+                replay_count: letter.replay_count + 1,
+            };
         match result {
             ChainResult::Dropped { stage, reason } => Ok(LetterOutcome::Dropped { stage, reason }),
-            ChainResult::Failed { stage, kind, reason } => Ok(failed_again(stage, kind, reason)),
-            ChainResult::Outputs { messages, processed_by } => {
+            ChainResult::Failed {
+                stage,
+                kind,
+                reason,
+            } => Ok(failed_again(stage, kind, reason)),
+            ChainResult::Outputs {
+                messages,
+                processed_by,
+            } => {
                 // Every topic is built before anything is written, so that a
                 // letter is delivered in full or not at all.
                 let mut topics = Vec::new();
@@ -362,13 +430,22 @@ impl Replayer {
                         match target.topic.render(&letter.pipeline, message) {
                             Ok(topic) => topics.push(topic),
                             Err(reason) => {
-                                return Ok(failed_again(format!("sink:{}", target.name), FailureKind::Sink, reason))
+                                return Ok(failed_again(
+                                    format!("sink:{}", target.name),
+                                    FailureKind::Sink,
+                                    reason,
+                                ))
                             }
                         }
                     }
                 }
                 let records = messages.len();
-                deliveries.push(Delivery { pipeline: letter.pipeline.clone(), messages, processed_by, topics });
+                deliveries.push(Delivery {
+                    pipeline: letter.pipeline.clone(),
+                    messages,
+                    processed_by,
+                    topics,
+                });
                 Ok(LetterOutcome::Delivered { records })
             }
         }
@@ -385,10 +462,16 @@ impl Replayer {
         for delivery in deliveries {
             let route = &self.routes[&delivery.pipeline];
             for name in &route.file_sinks {
-                let file = self.files.get_mut(name).expect("every file sink of a route is open");
+                let file = self
+                    .files
+                    .get_mut(name)
+                    .expect("every file sink of a route is open");
                 for message in &delivery.messages {
-                    let record =
-                        Record { pipeline: &delivery.pipeline, message, processed_by: &delivery.processed_by };
+                    let record = Record {
+                        pipeline: &delivery.pipeline,
+                        message,
+                        processed_by: &delivery.processed_by,
+                    };
                     file.write_json(&crate::sink::record_json(&record))?;
                     file.flush()?;
                 }
@@ -397,7 +480,10 @@ impl Replayer {
             for target in &route.mqtt_sinks {
                 for message in &delivery.messages {
                     publishes.push(Publish {
-                        topic: topics.next().expect("one topic was rendered per sink and message").clone(),
+                        topic: topics
+                            .next()
+                            .expect("one topic was rendered per sink and message")
+                            .clone(),
                         payload: message.payload.clone(),
                         qos: target.qos,
                         retain: target.retain,
@@ -423,16 +509,25 @@ impl Replayer {
 /// Finds the broker for the MQTT sinks: `--broker`, else `mqtt.broker`, else
 /// the embedded broker's `listen` address when its port is fixed. Only the
 /// running host has the address of an embedded broker on port 0.
-fn broker_address(config: &Config, broker: Option<&str>, mqtt_users: &[String]) -> anyhow::Result<(String, u16)> {
+fn broker_address(
+    config: &Config,
+    broker: Option<&str>,
+    mqtt_users: &[String],
+) -> anyhow::Result<(String, u16)> {
     if let Some(broker) = broker {
-        return crate::broker::parse_address(broker)
-            .with_context(|| format!("--broker \"{broker}\" is not HOST:PORT, for example 127.0.0.1:1883"));
+        return crate::broker::parse_address(broker).with_context(|| {
+            format!("--broker \"{broker}\" is not HOST:PORT, for example 127.0.0.1:1883")
+        });
     }
     if config.mqtt.broker != "embedded" {
         return crate::broker::parse_address(&config.mqtt.broker)
             .with_context(|| format!("mqtt.broker \"{}\" is not HOST:PORT", config.mqtt.broker));
     }
-    let listen: std::net::SocketAddr = config.embedded_broker.listen.parse().context("embedded_broker.listen")?;
+    let listen: std::net::SocketAddr = config
+        .embedded_broker
+        .listen
+        .parse()
+        .context("embedded_broker.listen")?;
     if listen.port() != 0 {
         return Ok((listen.ip().to_string(), listen.port()));
     }

@@ -43,14 +43,18 @@ CREATE TABLE dead_letters (
 CREATE INDEX dead_letters_by_origin ON dead_letters (pipeline, stage, kind);
 ";
 
-const COLUMNS: &str = "id, stored_at_ms, pipeline, stage, kind, reason, topic, topic_bytes, payload, qos, retain, \
+const COLUMNS: &str =
+    "id, stored_at_ms, pipeline, stage, kind, reason, topic, topic_bytes, payload, qos, retain, \
                        received_at_ms, headers, replay_count, last_replayed_at_ms";
 
 /// An error of the dead-letter store. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
     #[error("cannot create the folder of the dead-letter store {path}: {source}")]
-    CreateFolder { path: PathBuf, source: std::io::Error },
+    CreateFolder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("dead-letter store {path} does not exist")]
     NotFound { path: PathBuf },
     #[error(
@@ -64,9 +68,17 @@ pub enum DeadLetterError {
     )]
     NewerSchema { path: PathBuf, found: i64 },
     #[error("dead-letter store {path}: cannot {operation}: {source}")]
-    Sqlite { path: PathBuf, operation: &'static str, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        operation: &'static str,
+        source: rusqlite::Error,
+    },
     #[error("dead-letter store {path}: row {id} is invalid: {problem}")]
-    InvalidRow { path: PathBuf, id: i64, problem: String },
+    InvalidRow {
+        path: PathBuf,
+        id: i64,
+        problem: String,
+    },
 }
 
 /// A selection of dead letters to list, count or purge. Every field that is
@@ -91,7 +103,10 @@ impl ListFilter {
     /// Returns true when no field narrows the selection by content
     /// (`limit` and `after_id` only page through it).
     pub fn matches_everything(&self) -> bool {
-        self.pipeline.is_none() && self.stage.is_none() && self.kind.is_none() && self.topic_prefix.is_none()
+        self.pipeline.is_none()
+            && self.stage.is_none()
+            && self.kind.is_none()
+            && self.topic_prefix.is_none()
     }
 }
 
@@ -187,10 +202,15 @@ impl DeadLetterStore {
     /// is not an SQLite database, or it has a newer schema.
     pub fn open(path: &Path) -> Result<Self, DeadLetterError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| DeadLetterError::CreateFolder { path: path.to_owned(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| DeadLetterError::CreateFolder {
+                path: path.to_owned(),
+                source,
+            })?;
         }
-        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
+        Self::open_with(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
     }
 
     /// Opens the store at `path` only if the file exists, as the CLI does,
@@ -202,7 +222,9 @@ impl DeadLetterStore {
     /// of [`DeadLetterStore::open`].
     pub fn open_existing(path: &Path) -> Result<Self, DeadLetterError> {
         if !path.is_file() {
-            return Err(DeadLetterError::NotFound { path: path.to_owned() });
+            return Err(DeadLetterError::NotFound {
+                path: path.to_owned(),
+            });
         }
         Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
     }
@@ -211,21 +233,33 @@ impl DeadLetterStore {
         let store_error = |operation| {
             move |source: rusqlite::Error| {
                 if source.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
-                    DeadLetterError::NotADatabase { path: path.to_owned() }
+                    DeadLetterError::NotADatabase {
+                        path: path.to_owned(),
+                    }
                 } else {
-                    DeadLetterError::Sqlite { path: path.to_owned(), operation, source }
+                    DeadLetterError::Sqlite {
+                        path: path.to_owned(),
+                        operation,
+                        source,
+                    }
                 }
             }
         };
         let flags = flags | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection = Connection::open_with_flags(path, flags).map_err(store_error("open the database"))?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(store_error("set the busy timeout"))?;
+        let connection =
+            Connection::open_with_flags(path, flags).map_err(store_error("open the database"))?;
+        connection
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(store_error("set the busy timeout"))?;
 
         let version: i64 = connection
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(store_error("read the schema version"))?;
         if version > SCHEMA_VERSION {
-            return Err(DeadLetterError::NewerSchema { path: path.to_owned(), found: version });
+            return Err(DeadLetterError::NewerSchema {
+                path: path.to_owned(),
+                found: version,
+            });
         }
 
         // WAL lets the CLI read and purge while the host appends. The mode
@@ -239,12 +273,17 @@ impl DeadLetterStore {
         // FULL syncs the WAL on every commit. A dead letter is the only copy
         // of its message once the broker has the acknowledgement, so a
         // commit must survive a power loss, not only a crash of the process.
-        connection.pragma_update(None, "synchronous", "FULL").map_err(store_error("set synchronous = FULL"))?;
+        connection
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(store_error("set synchronous = FULL"))?;
 
         if version == 0 {
             create_schema(&connection).map_err(store_error("create the schema"))?;
         }
-        Ok(Self { path: path.to_owned(), connection: Mutex::new(connection) })
+        Ok(Self {
+            path: path.to_owned(),
+            connection: Mutex::new(connection),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -255,8 +294,15 @@ impl DeadLetterStore {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sqlite_error(&self, operation: &'static str) -> impl FnOnce(rusqlite::Error) -> DeadLetterError + '_ {
-        move |source| DeadLetterError::Sqlite { path: self.path.clone(), operation, source }
+    fn sqlite_error(
+        &self,
+        operation: &'static str,
+    ) -> impl FnOnce(rusqlite::Error) -> DeadLetterError + '_ {
+        move |source| DeadLetterError::Sqlite {
+            path: self.path.clone(),
+            operation,
+            source,
+        }
     }
 
     /// Stores `letters` in one transaction: when this returns `Ok`, every
@@ -283,7 +329,8 @@ impl DeadLetterStore {
                 let message = &letter.message;
                 let topic_bytes = letter.topic_bytes();
                 let topic = std::str::from_utf8(topic_bytes).ok();
-                let headers = serde_json::to_string(&message.headers).expect("string pairs serialize to JSON");
+                let headers = serde_json::to_string(&message.headers)
+                    .expect("string pairs serialize to JSON");
                 insert
                     .execute(params![
                         stored_at_ms,
@@ -303,7 +350,9 @@ impl DeadLetterStore {
             }
         }
         // Dropping the transaction on an error above rolls it back.
-        transaction.commit().map_err(self.sqlite_error("commit the dead letters"))
+        transaction
+            .commit()
+            .map_err(self.sqlite_error("commit the dead letters"))
     }
 
     /// Returns the dead letters that match `filter`, oldest first.
@@ -314,7 +363,8 @@ impl DeadLetterStore {
     /// version cannot read.
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<StoredDeadLetter>, DeadLetterError> {
         let (selection, values) = selection_sql(filter);
-        let sql = format!("SELECT {COLUMNS} FROM dead_letters WHERE id IN ({selection}) ORDER BY id");
+        let sql =
+            format!("SELECT {COLUMNS} FROM dead_letters WHERE id IN ({selection}) ORDER BY id");
         self.query_letters(&sql, values)
     }
 
@@ -345,10 +395,14 @@ impl DeadLetterStore {
                 .prepare_cached("DELETE FROM dead_letters WHERE id = ?1")
                 .map_err(self.sqlite_error("prepare the delete"))?;
             for id in ids {
-                deleted += delete.execute([id]).map_err(self.sqlite_error("delete a dead letter"))?;
+                deleted += delete
+                    .execute([id])
+                    .map_err(self.sqlite_error("delete a dead letter"))?;
             }
         }
-        transaction.commit().map_err(self.sqlite_error("commit the delete"))?;
+        transaction
+            .commit()
+            .map_err(self.sqlite_error("commit the delete"))?;
         Ok(deleted)
     }
 
@@ -392,11 +446,14 @@ impl DeadLetterStore {
         let (selection, values) = selection_sql(filter);
         let sql = format!("SELECT DISTINCT pipeline FROM dead_letters WHERE id IN ({selection}) ORDER BY pipeline");
         let connection = self.lock();
-        let mut statement = connection.prepare(&sql).map_err(self.sqlite_error("prepare the query"))?;
+        let mut statement = connection
+            .prepare(&sql)
+            .map_err(self.sqlite_error("prepare the query"))?;
         let rows = statement
             .query_map(rusqlite::params_from_iter(values), |row| row.get(0))
             .map_err(self.sqlite_error("list pipelines"))?;
-        rows.collect::<Result<_, _>>().map_err(self.sqlite_error("list pipelines"))
+        rows.collect::<Result<_, _>>()
+            .map_err(self.sqlite_error("list pipelines"))
     }
 
     /// Returns the highest id stored, or `None` when the store is empty.
@@ -434,17 +491,31 @@ impl DeadLetterStore {
                 .map_err(self.sqlite_error("prepare the update"))?;
             for failure in failures {
                 updated += update
-                    .execute(params![failure.id, failure.stage, failure.kind.as_str(), failure.reason, now])
+                    .execute(params![
+                        failure.id,
+                        failure.stage,
+                        failure.kind.as_str(),
+                        failure.reason,
+                        now
+                    ])
                     .map_err(self.sqlite_error("record a replay"))?;
             }
         }
-        transaction.commit().map_err(self.sqlite_error("commit the replay results"))?;
+        transaction
+            .commit()
+            .map_err(self.sqlite_error("commit the replay results"))?;
         Ok(updated)
     }
 
-    fn query_letters(&self, sql: &str, values: Vec<Value>) -> Result<Vec<StoredDeadLetter>, DeadLetterError> {
+    fn query_letters(
+        &self,
+        sql: &str,
+        values: Vec<Value>,
+    ) -> Result<Vec<StoredDeadLetter>, DeadLetterError> {
         let connection = self.lock();
-        let mut statement = connection.prepare_cached(sql).map_err(self.sqlite_error("prepare the query"))?;
+        let mut statement = connection
+            .prepare_cached(sql)
+            .map_err(self.sqlite_error("prepare the query"))?;
         let rows = statement
             .query_map(rusqlite::params_from_iter(values), RawRow::read)
             .map_err(self.sqlite_error("read dead letters"))?;
@@ -460,7 +531,8 @@ impl DeadLetterStore {
 fn create_schema(connection: &Connection) -> rusqlite::Result<()> {
     // IMMEDIATE takes the write lock first, so of two processes that open a
     // new file at once, the second one finds the schema the first created.
-    let transaction = rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate)?;
+    let transaction =
+        rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if version == 0 {
         transaction.execute_batch(SCHEMA)?;
@@ -499,11 +571,20 @@ fn selection_sql(filter: &ListFilter) -> (String, Vec<Value>) {
         conditions.push(format!("id > ?{}", values.len()));
     }
 
-    let conditions = if conditions.is_empty() { "1".to_owned() } else { conditions.join(" AND ") };
+    let conditions = if conditions.is_empty() {
+        "1".to_owned()
+    } else {
+        conditions.join(" AND ")
+    };
     // SQLite reads a negative LIMIT as no limit.
-    let limit = filter.limit.map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+    let limit = filter
+        .limit
+        .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
     values.push(Value::Integer(limit));
-    let sql = format!("SELECT id FROM dead_letters WHERE {conditions} ORDER BY id LIMIT ?{}", values.len());
+    let sql = format!(
+        "SELECT id FROM dead_letters WHERE {conditions} ORDER BY id LIMIT ?{}",
+        values.len()
+    );
     (sql, values)
 }
 
@@ -548,7 +629,11 @@ impl RawRow {
     }
 
     fn into_letter(self, path: &Path) -> Result<StoredDeadLetter, DeadLetterError> {
-        let invalid = |problem: String| DeadLetterError::InvalidRow { path: path.to_owned(), id: self.id, problem };
+        let invalid = |problem: String| DeadLetterError::InvalidRow {
+            path: path.to_owned(),
+            id: self.id,
+            problem,
+        };
         let kind = self.kind.parse::<FailureKind>().map_err(invalid)?;
         let qos = match self.qos {
             0 => Qos::AtMostOnce,
@@ -556,8 +641,11 @@ impl RawRow {
             2 => Qos::ExactlyOnce,
             other => return Err(invalid(format!("QoS {other} does not exist"))),
         };
-        let headers = serde_json::from_str(&self.headers)
-            .map_err(|e| invalid(format!("headers are not a JSON array of [name, value] pairs: {e}")))?;
+        let headers = serde_json::from_str(&self.headers).map_err(|e| {
+            invalid(format!(
+                "headers are not a JSON array of [name, value] pairs: {e}"
+            ))
+        })?;
         Ok(StoredDeadLetter {
             id: self.id,
             stored_at_ms: from_sql_ms(self.stored_at_ms),

@@ -20,7 +20,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot create the compiled-component cache in {dir}: {source}")]
-    Cache { dir: String, source: wasmtime::Error },
+    Cache {
+        dir: String,
+        source: wasmtime::Error,
+    },
     #[error("cannot create the wasmtime engine: {0}")]
     Engine(wasmtime::Error),
     #[error("cannot link the host functions: {0}")]
@@ -59,8 +62,10 @@ impl Runtime {
         })?;
         let mut cache_config = CacheConfig::new();
         cache_config.with_directory(cache_dir);
-        let cache = Cache::new(cache_config)
-            .map_err(|source| RuntimeError::Cache { dir: cache_dir.display().to_string(), source })?;
+        let cache = Cache::new(cache_config).map_err(|source| RuntimeError::Cache {
+            dir: cache_dir.display().to_string(),
+            source,
+        })?;
         config.cache(Some(cache));
 
         let engine = Engine::new(&config).map_err(RuntimeError::Engine)?;
@@ -74,7 +79,11 @@ impl Runtime {
             .map_err(RuntimeError::Link)?;
 
         let ticker = Ticker::start(engine.clone());
-        Ok(Self { engine, linker: Arc::new(linker), ticker: Some(ticker) })
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            ticker: Some(ticker),
+        })
     }
 }
 

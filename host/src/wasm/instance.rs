@@ -18,14 +18,26 @@ use crate::config::{Grants, PluginConfig, PluginLimits, StageBreakerConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("plugin \"{plugin}\": cannot read {path}: {source}")]
-    Read { plugin: String, path: PathBuf, source: std::io::Error },
+    Read {
+        plugin: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("plugin \"{plugin}\": {path} is not a valid Wasm component: {reason}")]
-    Compile { plugin: String, path: PathBuf, reason: String },
+    Compile {
+        plugin: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error(
         "plugin \"{plugin}\": {path} does not match the Eliot plugin contract \
          (world eliot:plugin/plugin@0.1.0): {reason}"
     )]
-    Contract { plugin: String, path: PathBuf, reason: String },
+    Contract {
+        plugin: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("plugin \"{plugin}\": init rejected its config: {reason}")]
     InitRejected { plugin: String, reason: String },
     #[error("plugin \"{plugin}\": trapped while starting: {reason}")]
@@ -57,18 +69,30 @@ pub struct StoreState {
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl eliot::plugin::types::Host for StoreState {}
 
 impl eliot::plugin::log::Host for StoreState {
-    fn write(&mut self, level: eliot::plugin::log::Level, message: String, fields: Vec<(String, String)>) {
+    fn write(
+        &mut self,
+        level: eliot::plugin::log::Level,
+        message: String,
+        fields: Vec<(String, String)>,
+    ) {
         use eliot::plugin::log::Level;
 
         let plugin = &*self.plugin;
-        let fields = fields.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+        let fields = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         match level {
             Level::Trace => tracing::trace!(target: "eliot::plugin", plugin, fields, "{message}"),
             Level::Debug => tracing::debug!(target: "eliot::plugin", plugin, fields, "{message}"),
@@ -122,16 +146,21 @@ impl LoadedPlugin {
             path: config.path.clone(),
             source,
         })?;
-        let component = Component::from_binary(&runtime.engine, &bytes).map_err(|e| LoadError::Compile {
-            plugin: plugin.clone(),
-            path: config.path.clone(),
-            reason: format!("{e:#}"),
-        })?;
-        let instance_pre = runtime.linker.instantiate_pre(&component).map_err(|e| LoadError::Contract {
-            plugin: plugin.clone(),
-            path: config.path.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let component =
+            Component::from_binary(&runtime.engine, &bytes).map_err(|e| LoadError::Compile {
+                plugin: plugin.clone(),
+                path: config.path.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        let instance_pre =
+            runtime
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Contract {
+                    plugin: plugin.clone(),
+                    path: config.path.clone(),
+                    reason: format!("{e:#}"),
+                })?;
         let pre = PluginPre::new(instance_pre).map_err(|e| LoadError::Contract {
             plugin: plugin.clone(),
             path: config.path.clone(),
@@ -141,7 +170,10 @@ impl LoadedPlugin {
         let mut loaded = Self {
             name: plugin.clone(),
             path: config.path.clone(),
-            info: PluginInfo { name: String::new(), version: String::new() },
+            info: PluginInfo {
+                name: String::new(),
+                version: String::new(),
+            },
             limits: config.limits.clone(),
             breaker: config.breaker.clone(),
             grants: config.grants.clone(),
@@ -152,7 +184,10 @@ impl LoadedPlugin {
             engine: runtime.engine.clone(),
         };
         let mut trial = loaded.instantiate()?;
-        loaded.info = trial.describe().map_err(|e| LoadError::Trapped { plugin, reason: e.to_string() })?;
+        loaded.info = trial.describe().map_err(|e| LoadError::Trapped {
+            plugin,
+            reason: e.to_string(),
+        })?;
         Ok(loaded)
     }
 
@@ -163,7 +198,10 @@ impl LoadedPlugin {
     /// [`LoadError::InitRejected`] when `init` returns an error, and
     /// [`LoadError::Trapped`] when instantiation or `init` traps.
     pub fn instantiate(&self) -> Result<StageInstance, LoadError> {
-        let trapped = |e: wasmtime::Error| LoadError::Trapped { plugin: self.name.clone(), reason: format!("{e:#}") };
+        let trapped = |e: wasmtime::Error| LoadError::Trapped {
+            plugin: self.name.clone(),
+            reason: format!("{e:#}"),
+        };
         let limits = InstanceLimiter::new(self.limits.memory_mib);
         let state = StoreState {
             wasi: self.wasi_context()?,
@@ -182,8 +220,15 @@ impl LoadedPlugin {
             .eliot_plugin_processor()
             .call_init(&mut store, &self.config_json)
             .map_err(trapped)?
-            .map_err(|reason| LoadError::InitRejected { plugin: self.name.clone(), reason })?;
-        Ok(StageInstance { store, bindings, budget_ms: self.limits.call_budget_ms })
+            .map_err(|reason| LoadError::InitRejected {
+                plugin: self.name.clone(),
+                reason,
+            })?;
+        Ok(StageInstance {
+            store,
+            bindings,
+            budget_ms: self.limits.call_budget_ms,
+        })
     }
 }
 
@@ -209,7 +254,11 @@ impl LoadedPlugin {
         if self.grants.network {
             // In wasmtime-wasi 48 `inherit_network` alone still denies TCP
             // and UDP; each needs its own switch.
-            builder.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
+            builder
+                .inherit_network()
+                .allow_tcp(true)
+                .allow_udp(true)
+                .allow_ip_name_lookup(true);
         }
         Ok(builder.build())
     }
@@ -230,7 +279,10 @@ pub struct StageInstance {
 impl StageInstance {
     fn describe(&mut self) -> Result<PluginInfo, CallError> {
         self.start_call();
-        let result = self.bindings.eliot_plugin_processor().call_describe(&mut self.store);
+        let result = self
+            .bindings
+            .eliot_plugin_processor()
+            .call_describe(&mut self.store);
         result.map_err(|e| self.classify(e))
     }
 
@@ -240,9 +292,15 @@ impl StageInstance {
     ///
     /// The outer error is a trap or timeout: the instance must be discarded.
     /// The inner `Result` is the plugin's own answer.
-    pub fn process(&mut self, message: &Message) -> Result<Result<Outcome, PluginError>, CallError> {
+    pub fn process(
+        &mut self,
+        message: &Message,
+    ) -> Result<Result<Outcome, PluginError>, CallError> {
         self.start_call();
-        let result = self.bindings.eliot_plugin_processor().call_process(&mut self.store, message);
+        let result = self
+            .bindings
+            .eliot_plugin_processor()
+            .call_process(&mut self.store, message);
         result.map_err(|e| self.classify(e))
     }
 
@@ -255,7 +313,9 @@ impl StageInstance {
 
     fn classify(&mut self, error: wasmtime::Error) -> CallError {
         if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
-            return CallError::Timeout { budget_ms: self.budget_ms };
+            return CallError::Timeout {
+                budget_ms: self.budget_ms,
+            };
         }
         // The first line of `{error:#}` is only the header of the wasm
         // backtrace, so the trap and where it happened are described here.
@@ -263,7 +323,9 @@ impl StageInstance {
         let limits = &mut self.store.data_mut().limits;
         if limits.take_memory_denied() {
             let limit_mib = limits.memory_limit_mib();
-            reason.push_str(&format!(", after a memory growth beyond the memory limit of {limit_mib} MiB was denied"));
+            reason.push_str(&format!(
+                ", after a memory growth beyond the memory limit of {limit_mib} MiB was denied"
+            ));
         }
         CallError::Trap(reason)
     }

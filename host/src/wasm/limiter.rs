@@ -24,14 +24,20 @@ impl InstanceLimiter {
     // NOTE: the limit applies to each linear memory, not to their sum. A
     // component with several core modules can have several memories.
     pub fn new(memory_mib: u64) -> Self {
-        let memory_limit_bytes = usize::try_from(memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+        let memory_limit_bytes =
+            usize::try_from(memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
         let limits = StoreLimitsBuilder::new()
             .memory_size(memory_limit_bytes)
             .instances(MAX_INSTANCES)
             .tables(MAX_TABLES)
             .table_elements(MAX_TABLE_ELEMENTS)
             .build();
-        Self { limits, memory_limit_mib: memory_mib, memory_limit_bytes, memory_denied: false }
+        Self {
+            limits,
+            memory_limit_mib: memory_mib,
+            memory_limit_bytes,
+            memory_denied: false,
+        }
     }
 
     pub fn memory_limit_mib(&self) -> u64 {
@@ -46,7 +52,12 @@ impl InstanceLimiter {
 }
 
 impl ResourceLimiter for InstanceLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool> {
         if desired > self.memory_limit_bytes {
             self.memory_denied = true;
         }
@@ -57,7 +68,12 @@ impl ResourceLimiter for InstanceLimiter {
         self.limits.memory_grow_failed(error)
     }
 
-    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> Result<bool> {
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool> {
         self.limits.table_growing(current, desired, maximum)
     }
 

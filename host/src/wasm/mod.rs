@@ -15,4 +15,6 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-pub use self::eliot::plugin::types::{Error as PluginError, ErrorKind, Message, Outcome, PluginInfo, Qos};
+pub use self::eliot::plugin::types::{
+    Error as PluginError, ErrorKind, Message, Outcome, PluginInfo, Qos,
+};

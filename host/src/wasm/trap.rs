@@ -6,8 +6,17 @@ use wasmtime::{Trap, WasmBacktrace};
 /// frames of a trap's backtrace that belong to them are skipped to find the
 /// plugin's own function, because a panic or a failed allocation traps
 /// inside them.
-const RUNTIME_NAMES: [&str; 9] =
-    ["std", "core", "alloc", "__rustc", "dlmalloc", "abort", "rust_panic", "rust_begin_unwind", "__rust_start_panic"];
+const RUNTIME_NAMES: [&str; 9] = [
+    "std",
+    "core",
+    "alloc",
+    "__rustc",
+    "dlmalloc",
+    "abort",
+    "rust_panic",
+    "rust_begin_unwind",
+    "__rust_start_panic",
+];
 
 /// Describes a failed call in one line: the trap (or the root error when it
 /// is not a trap), the innermost plugin function on the stack, and whether a
@@ -58,7 +67,9 @@ fn demangle(name: &str) -> String {
 
 fn without_hash(name: &str) -> &str {
     match name.rsplit_once("::h") {
-        Some((path, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => path,
+        Some((path, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            path
+        }
         _ => name,
     }
 }
@@ -71,16 +82,28 @@ mod tests {
     fn runtime_frames_are_recognized() {
         assert!(is_runtime_function("abort"));
         assert!(is_runtime_function("std[d123b7a1a2ed1472]::process::abort"));
-        assert!(is_runtime_function("__rustc[b7974e8690430dd9]::rust_begin_unwind"));
-        assert!(is_runtime_function("core[6d9e98711c484d2e]::panicking::panic_fmt"));
-        assert!(is_runtime_function("alloc[60c8babfd1b21f68]::raw_vec::handle_error"));
-        assert!(is_runtime_function("<std::io::Error as core::fmt::Display>::fmt"));
+        assert!(is_runtime_function(
+            "__rustc[b7974e8690430dd9]::rust_begin_unwind"
+        ));
+        assert!(is_runtime_function(
+            "core[6d9e98711c484d2e]::panicking::panic_fmt"
+        ));
+        assert!(is_runtime_function(
+            "alloc[60c8babfd1b21f68]::raw_vec::handle_error"
+        ));
+        assert!(is_runtime_function(
+            "<std::io::Error as core::fmt::Display>::fmt"
+        ));
     }
 
     #[test]
     fn plugin_frames_are_not_runtime() {
-        assert!(!is_runtime_function("memory_hog::grow_until_allocation_fails::h3b398530a2724674"));
-        assert!(!is_runtime_function("<flaky_panic::FlakyPanic as eliot_sdk::Processor>::process::hd75cb339561d009d"));
+        assert!(!is_runtime_function(
+            "memory_hog::grow_until_allocation_fails::h3b398530a2724674"
+        ));
+        assert!(!is_runtime_function(
+            "<flaky_panic::FlakyPanic as eliot_sdk::Processor>::process::hd75cb339561d009d"
+        ));
         assert!(!is_runtime_function("eliot:plugin/processor@0.1.0#process"));
         assert!(!is_runtime_function("stdlib_user::run"));
     }
@@ -99,7 +122,10 @@ mod tests {
             without_hash("memory_hog::grow_until_allocation_fails::h3b398530a2724674"),
             "memory_hog::grow_until_allocation_fails"
         );
-        assert_eq!(without_hash("eliot:plugin/processor@0.1.0#process"), "eliot:plugin/processor@0.1.0#process");
+        assert_eq!(
+            without_hash("eliot:plugin/processor@0.1.0#process"),
+            "eliot:plugin/processor@0.1.0#process"
+        );
         assert_eq!(without_hash("crate::hash::hello"), "crate::hash::hello");
     }
 }

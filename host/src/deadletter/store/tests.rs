@@ -11,8 +11,20 @@ fn message(topic: &str, payload: &[u8]) -> Message {
     }
 }
 
-fn letter(pipeline: &str, stage: &str, kind: FailureKind, topic: &str, payload: &[u8]) -> DeadLetter {
-    DeadLetter::new(pipeline.to_owned(), stage.to_owned(), kind, format!("{stage} said no"), message(topic, payload))
+fn letter(
+    pipeline: &str,
+    stage: &str,
+    kind: FailureKind,
+    topic: &str,
+    payload: &[u8],
+) -> DeadLetter {
+    DeadLetter::new(
+        pipeline.to_owned(),
+        stage.to_owned(),
+        kind,
+        format!("{stage} said no"),
+        message(topic, payload),
+    )
 }
 
 fn temp_store() -> (tempfile::TempDir, DeadLetterStore) {
@@ -28,12 +40,48 @@ fn ids(letters: &[StoredDeadLetter]) -> Vec<i64> {
 /// Six letters over two pipelines, three stages and three kinds.
 fn fill(store: &DeadLetterStore) {
     let letters = [
-        letter("telemetry", "validate-format", FailureKind::Invalid, "devices/a/telemetry", b"1"),
-        letter("telemetry", "validate-format", FailureKind::Invalid, "devices/b/telemetry", b"2"),
-        letter("telemetry", "enrich", FailureKind::Trap, "devices/a/telemetry", b"3"),
-        letter("alerts", "validate-format", FailureKind::Invalid, "alerts/a", b"4"),
-        letter("alerts", "sink:republish", FailureKind::Sink, "alerts/b", b"5"),
-        letter("telemetry", "enrich", FailureKind::Timeout, "devices/c/telemetry", b"6"),
+        letter(
+            "telemetry",
+            "validate-format",
+            FailureKind::Invalid,
+            "devices/a/telemetry",
+            b"1",
+        ),
+        letter(
+            "telemetry",
+            "validate-format",
+            FailureKind::Invalid,
+            "devices/b/telemetry",
+            b"2",
+        ),
+        letter(
+            "telemetry",
+            "enrich",
+            FailureKind::Trap,
+            "devices/a/telemetry",
+            b"3",
+        ),
+        letter(
+            "alerts",
+            "validate-format",
+            FailureKind::Invalid,
+            "alerts/a",
+            b"4",
+        ),
+        letter(
+            "alerts",
+            "sink:republish",
+            FailureKind::Sink,
+            "alerts/b",
+            b"5",
+        ),
+        letter(
+            "telemetry",
+            "enrich",
+            FailureKind::Timeout,
+            "devices/c/telemetry",
+            b"6",
+        ),
     ];
     store.append(&letters.iter().collect::<Vec<_>>()).unwrap();
 }
@@ -41,12 +89,27 @@ fn fill(store: &DeadLetterStore) {
 #[test]
 fn round_trip_keeps_exact_bytes() {
     let (_dir, store) = temp_store();
-    let mut first = letter("telemetry", "validate-format", FailureKind::Invalid, "devices/x/telemetry", &[0xff, 0xfe, 0x00, b'a']);
+    let mut first = letter(
+        "telemetry",
+        "validate-format",
+        FailureKind::Invalid,
+        "devices/x/telemetry",
+        &[0xff, 0xfe, 0x00, b'a'],
+    );
     first.message.qos = Qos::ExactlyOnce;
     first.message.retain = true;
-    first.message.headers = vec![("device_id".to_owned(), "x".to_owned()), ("note".to_owned(), "a\"b\nc".to_owned())];
+    first.message.headers = vec![
+        ("device_id".to_owned(), "x".to_owned()),
+        ("note".to_owned(), "a\"b\nc".to_owned()),
+    ];
     first.reason = "payload is not valid UTF-8".to_owned();
-    let second = letter("telemetry", "sink:file", FailureKind::Sink, "devices/y/telemetry", b"{\"ok\":true}");
+    let second = letter(
+        "telemetry",
+        "sink:file",
+        FailureKind::Sink,
+        "devices/y/telemetry",
+        b"{\"ok\":true}",
+    );
 
     let before = crate::clock::now_ms();
     store.append(&[&first, &second]).unwrap();
@@ -68,7 +131,11 @@ fn round_trip_keeps_exact_bytes() {
     assert_eq!(got.headers, first.message.headers);
     assert_eq!(got.replay_count, 0);
     assert_eq!(got.last_replayed_at_ms, None);
-    assert!((before..=after).contains(&got.stored_at_ms), "stored_at_ms {}", got.stored_at_ms);
+    assert!(
+        (before..=after).contains(&got.stored_at_ms),
+        "stored_at_ms {}",
+        got.stored_at_ms
+    );
     let rebuilt = got.message().unwrap();
     assert_eq!(rebuilt.topic, first.message.topic);
     assert_eq!(rebuilt.payload, first.message.payload);
@@ -101,7 +168,11 @@ fn json_has_text_and_base64() {
     assert_eq!(json["last_replayed_at"], serde_json::Value::Null);
 
     let json = stored[1].to_json();
-    assert_eq!(json.get("payload_text"), None, "no text for a payload that is not UTF-8");
+    assert_eq!(
+        json.get("payload_text"),
+        None,
+        "no text for a payload that is not UTF-8"
+    );
     assert_eq!(json["payload_base64"], "/w==");
 }
 
@@ -109,8 +180,13 @@ fn json_has_text_and_base64() {
 fn non_utf8_topic_is_null_with_bytes() {
     let (_dir, store) = temp_store();
     let raw_topic = b"devices/\xff/telemetry".to_vec();
-    let mut undecodable =
-        letter("telemetry", "source", FailureKind::Undecodable, &String::from_utf8_lossy(&raw_topic), b"{}");
+    let mut undecodable = letter(
+        "telemetry",
+        "source",
+        FailureKind::Undecodable,
+        &String::from_utf8_lossy(&raw_topic),
+        b"{}",
+    );
     undecodable.topic_bytes = Some(raw_topic.clone());
     store.append(&[&undecodable]).unwrap();
 
@@ -118,11 +194,21 @@ fn non_utf8_topic_is_null_with_bytes() {
     assert_eq!(stored[0].topic, None);
     assert_eq!(stored[0].topic_bytes, raw_topic);
     assert_eq!(stored[0].kind, FailureKind::Undecodable);
-    assert!(stored[0].message().is_none(), "no plugin can take a topic that is not UTF-8");
+    assert!(
+        stored[0].message().is_none(),
+        "no plugin can take a topic that is not UTF-8"
+    );
     assert_eq!(stored[0].to_json()["topic"], serde_json::Value::Null);
 
-    let by_prefix = ListFilter { topic_prefix: Some("devices/".to_owned()), ..ListFilter::default() };
-    assert_eq!(store.count(&by_prefix).unwrap(), 1, "the prefix is matched on the topic's bytes");
+    let by_prefix = ListFilter {
+        topic_prefix: Some("devices/".to_owned()),
+        ..ListFilter::default()
+    };
+    assert_eq!(
+        store.count(&by_prefix).unwrap(),
+        1,
+        "the prefix is matched on the topic's bytes"
+    );
 }
 
 #[test]
@@ -134,10 +220,34 @@ fn filters_select_rows() {
     let select = |filter: ListFilter| ids(&store.list(&filter).unwrap());
 
     assert_eq!(all.len(), 6);
-    assert_eq!(select(ListFilter { pipeline: Some("alerts".into()), ..Default::default() }), [id(3), id(4)]);
-    assert_eq!(select(ListFilter { stage: Some("enrich".into()), ..Default::default() }), [id(2), id(5)]);
-    assert_eq!(select(ListFilter { kind: Some(FailureKind::Invalid), ..Default::default() }), [id(0), id(1), id(3)]);
-    assert_eq!(select(ListFilter { topic_prefix: Some("devices/a/".into()), ..Default::default() }), [id(0), id(2)]);
+    assert_eq!(
+        select(ListFilter {
+            pipeline: Some("alerts".into()),
+            ..Default::default()
+        }),
+        [id(3), id(4)]
+    );
+    assert_eq!(
+        select(ListFilter {
+            stage: Some("enrich".into()),
+            ..Default::default()
+        }),
+        [id(2), id(5)]
+    );
+    assert_eq!(
+        select(ListFilter {
+            kind: Some(FailureKind::Invalid),
+            ..Default::default()
+        }),
+        [id(0), id(1), id(3)]
+    );
+    assert_eq!(
+        select(ListFilter {
+            topic_prefix: Some("devices/a/".into()),
+            ..Default::default()
+        }),
+        [id(0), id(2)]
+    );
     assert_eq!(
         select(ListFilter {
             pipeline: Some("telemetry".into()),
@@ -147,14 +257,52 @@ fn filters_select_rows() {
         }),
         [id(5)]
     );
-    assert_eq!(select(ListFilter { limit: Some(2), ..Default::default() }), [id(0), id(1)]);
-    assert_eq!(select(ListFilter { limit: Some(2), after_id: Some(id(1)), ..Default::default() }), [id(2), id(3)]);
-    assert_eq!(select(ListFilter { pipeline: Some("nope".into()), ..Default::default() }), Vec::<i64>::new());
+    assert_eq!(
+        select(ListFilter {
+            limit: Some(2),
+            ..Default::default()
+        }),
+        [id(0), id(1)]
+    );
+    assert_eq!(
+        select(ListFilter {
+            limit: Some(2),
+            after_id: Some(id(1)),
+            ..Default::default()
+        }),
+        [id(2), id(3)]
+    );
+    assert_eq!(
+        select(ListFilter {
+            pipeline: Some("nope".into()),
+            ..Default::default()
+        }),
+        Vec::<i64>::new()
+    );
 
     assert_eq!(store.count(&ListFilter::default()).unwrap(), 6);
-    assert_eq!(store.count(&ListFilter { kind: Some(FailureKind::Invalid), ..Default::default() }).unwrap(), 3);
-    assert_eq!(store.count(&ListFilter { limit: Some(2), ..Default::default() }).unwrap(), 2);
-    assert_eq!(store.pipelines(&ListFilter::default()).unwrap(), ["alerts", "telemetry"]);
+    assert_eq!(
+        store
+            .count(&ListFilter {
+                kind: Some(FailureKind::Invalid),
+                ..Default::default()
+            })
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .count(&ListFilter {
+                limit: Some(2),
+                ..Default::default()
+            })
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store.pipelines(&ListFilter::default()).unwrap(),
+        ["alerts", "telemetry"]
+    );
     assert_eq!(store.last_id().unwrap(), Some(id(5)));
 }
 
@@ -168,7 +316,12 @@ fn topic_prefix_has_no_wildcards() {
     ];
     store.append(&letters.iter().collect::<Vec<_>>()).unwrap();
     let count = |prefix: &str| {
-        store.count(&ListFilter { topic_prefix: Some(prefix.to_owned()), ..Default::default() }).unwrap()
+        store
+            .count(&ListFilter {
+                topic_prefix: Some(prefix.to_owned()),
+                ..Default::default()
+            })
+            .unwrap()
     };
     assert_eq!(count("a%"), 1);
     assert_eq!(count("a_"), 1);
@@ -181,10 +334,34 @@ fn purge_deletes_matching_rows() {
     let (_dir, store) = temp_store();
     fill(&store);
 
-    assert_eq!(store.purge(&ListFilter { pipeline: Some("alerts".into()), ..Default::default() }).unwrap(), 2);
+    assert_eq!(
+        store
+            .purge(&ListFilter {
+                pipeline: Some("alerts".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+        2
+    );
     assert_eq!(store.count(&ListFilter::default()).unwrap(), 4);
-    assert_eq!(store.purge(&ListFilter { pipeline: Some("alerts".into()), ..Default::default() }).unwrap(), 0);
-    assert_eq!(store.purge(&ListFilter { limit: Some(1), ..Default::default() }).unwrap(), 1);
+    assert_eq!(
+        store
+            .purge(&ListFilter {
+                pipeline: Some("alerts".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .purge(&ListFilter {
+                limit: Some(1),
+                ..Default::default()
+            })
+            .unwrap(),
+        1
+    );
     assert_eq!(store.count(&ListFilter::default()).unwrap(), 3);
     assert_eq!(store.purge(&ListFilter::default()).unwrap(), 3);
     assert_eq!(store.count(&ListFilter::default()).unwrap(), 0);
@@ -198,7 +375,10 @@ fn delete_counts_existing_ids() {
     let all = ids(&store.list(&ListFilter::default()).unwrap());
 
     assert_eq!(store.delete(&[all[0], all[2], 9999]).unwrap(), 2);
-    assert_eq!(ids(&store.list(&ListFilter::default()).unwrap()), [all[1], all[3], all[4], all[5]]);
+    assert_eq!(
+        ids(&store.list(&ListFilter::default()).unwrap()),
+        [all[1], all[3], all[4], all[5]]
+    );
     assert_eq!(store.delete(&[]).unwrap(), 0);
 }
 
@@ -208,7 +388,9 @@ fn ids_are_not_reused() {
     fill(&store);
     let last = store.last_id().unwrap().unwrap();
     store.delete(&[last]).unwrap();
-    store.append(&[&letter("p", "s", FailureKind::Invalid, "t", b"")]).unwrap();
+    store
+        .append(&[&letter("p", "s", FailureKind::Invalid, "t", b"")])
+        .unwrap();
     assert_eq!(store.last_id().unwrap(), Some(last + 1));
 }
 
@@ -230,13 +412,23 @@ fn append_batch_is_all_or_nothing() {
 
     let error = store.append(&[&good, &poison]).unwrap_err();
     assert!(
-        error.to_string().ends_with("dead-letters.sqlite: cannot insert a dead letter: poisoned"),
+        error
+            .to_string()
+            .ends_with("dead-letters.sqlite: cannot insert a dead letter: poisoned"),
         "{error}"
     );
-    assert_eq!(store.count(&ListFilter::default()).unwrap(), 0, "the first letter was rolled back");
+    assert_eq!(
+        store.count(&ListFilter::default()).unwrap(),
+        0,
+        "the first letter was rolled back"
+    );
 
     store.append(&[&good]).unwrap();
-    assert_eq!(store.count(&ListFilter::default()).unwrap(), 1, "the store works after a failed batch");
+    assert_eq!(
+        store.count(&ListFilter::default()).unwrap(),
+        1,
+        "the store works after a failed batch"
+    );
 }
 
 #[test]
@@ -252,9 +444,15 @@ fn reopen_keeps_data() {
     assert_eq!(store.list(&ListFilter::default()).unwrap(), before);
 
     let connection = store.lock();
-    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
-    let mode: String = connection.pragma_query_value(None, "journal_mode", |row| row.get(0)).unwrap();
-    let synchronous: i64 = connection.pragma_query_value(None, "synchronous", |row| row.get(0)).unwrap();
+    let version: i64 = connection
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    let mode: String = connection
+        .pragma_query_value(None, "journal_mode", |row| row.get(0))
+        .unwrap();
+    let synchronous: i64 = connection
+        .pragma_query_value(None, "synchronous", |row| row.get(0))
+        .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
     assert_eq!(mode, "wal");
     assert_eq!(synchronous, 2, "2 is FULL");
@@ -266,7 +464,14 @@ fn second_connection_sees_appends() {
     let cli = DeadLetterStore::open_existing(&dir.path().join("dead-letters.sqlite")).unwrap();
     fill(&host);
     assert_eq!(cli.count(&ListFilter::default()).unwrap(), 6);
-    assert_eq!(cli.purge(&ListFilter { pipeline: Some("alerts".into()), ..Default::default() }).unwrap(), 2);
+    assert_eq!(
+        cli.purge(&ListFilter {
+            pipeline: Some("alerts".into()),
+            ..Default::default()
+        })
+        .unwrap(),
+        2
+    );
     assert_eq!(host.count(&ListFilter::default()).unwrap(), 4);
 }
 
@@ -280,7 +485,15 @@ fn concurrent_appends_all_land() {
             std::thread::spawn(move || {
                 for index in 0..25 {
                     let payload = format!("{thread}-{index}");
-                    store.append(&[&letter("p", "s", FailureKind::Invalid, "t", payload.as_bytes())]).unwrap();
+                    store
+                        .append(&[&letter(
+                            "p",
+                            "s",
+                            FailureKind::Invalid,
+                            "t",
+                            payload.as_bytes(),
+                        )])
+                        .unwrap();
                 }
             })
         })
@@ -304,9 +517,19 @@ fn mark_replayed_records_new_failure() {
     };
 
     let before = crate::clock::now_ms();
-    assert_eq!(store.mark_replayed(std::slice::from_ref(&failure)).unwrap(), 1);
-    let missing = ReplayFailure { id: 9999, ..failure.clone() };
-    assert_eq!(store.mark_replayed(&[failure, missing]).unwrap(), 1, "a missing id is not counted");
+    assert_eq!(
+        store.mark_replayed(std::slice::from_ref(&failure)).unwrap(),
+        1
+    );
+    let missing = ReplayFailure {
+        id: 9999,
+        ..failure.clone()
+    };
+    assert_eq!(
+        store.mark_replayed(&[failure, missing]).unwrap(),
+        1,
+        "a missing id is not counted"
+    );
 
     let after = store.get(first.id).unwrap().unwrap();
     assert_eq!(after.replay_count, 2);
@@ -322,8 +545,14 @@ fn mark_replayed_records_new_failure() {
 fn json_lines_file_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dead-letters.jsonl");
-    std::fs::write(&path, "{\"pipeline\":\"telemetry\",\"stage\":\"validate-format\",\"kind\":\"invalid\"}\n").unwrap();
-    let error = DeadLetterStore::open(&path).err().expect("a JSON-lines file is no store");
+    std::fs::write(
+        &path,
+        "{\"pipeline\":\"telemetry\",\"stage\":\"validate-format\",\"kind\":\"invalid\"}\n",
+    )
+    .unwrap();
+    let error = DeadLetterStore::open(&path)
+        .err()
+        .expect("a JSON-lines file is no store");
     assert_eq!(
         error.to_string(),
         format!(
@@ -338,8 +567,13 @@ fn json_lines_file_is_rejected() {
 fn newer_schema_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dead-letters.sqlite");
-    Connection::open(&path).unwrap().pragma_update(None, "user_version", 2).unwrap();
-    let error = DeadLetterStore::open(&path).err().expect("version 2 is newer");
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 2)
+        .unwrap();
+    let error = DeadLetterStore::open(&path)
+        .err()
+        .expect("version 2 is newer");
     assert_eq!(
         error.to_string(),
         format!(
@@ -354,8 +588,13 @@ fn newer_schema_is_rejected() {
 fn open_existing_needs_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("missing.sqlite");
-    let error = DeadLetterStore::open_existing(&path).err().expect("no file");
-    assert_eq!(error.to_string(), format!("dead-letter store {} does not exist", path.display()));
+    let error = DeadLetterStore::open_existing(&path)
+        .err()
+        .expect("no file");
+    assert_eq!(
+        error.to_string(),
+        format!("dead-letter store {} does not exist", path.display())
+    );
     assert!(!path.exists(), "open_existing creates nothing");
 }
 
@@ -374,13 +613,22 @@ fn orphaned_wal_is_not_replayed() {
     let store = DeadLetterStore::open(&path).unwrap();
     fill(&store);
     std::fs::copy(&wal, &saved_wal).unwrap();
-    assert!(std::fs::metadata(&saved_wal).unwrap().len() > 0, "the WAL holds the letters");
+    assert!(
+        std::fs::metadata(&saved_wal).unwrap().len() > 0,
+        "the WAL holds the letters"
+    );
     drop(store);
     std::fs::remove_file(&path).unwrap();
     std::fs::copy(&saved_wal, &wal).unwrap();
 
     let store = DeadLetterStore::open(&path).unwrap();
-    assert_eq!(store.count(&ListFilter::default()).unwrap(), 0, "the new store starts empty");
-    store.append(&[&letter("p", "s", FailureKind::Invalid, "t", b"")]).unwrap();
+    assert_eq!(
+        store.count(&ListFilter::default()).unwrap(),
+        0,
+        "the new store starts empty"
+    );
+    store
+        .append(&[&letter("p", "s", FailureKind::Invalid, "t", b"")])
+        .unwrap();
     assert_eq!(store.count(&ListFilter::default()).unwrap(), 1);
 }
