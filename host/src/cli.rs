@@ -34,7 +34,7 @@ enum Command {
     /// Quick start: build the example plugins, start the host with its
     /// embedded broker, replay the bundled sensor data, report and exit.
     Demo {
-        #[arg(long, short, default_value = "config/eliot.toml")]
+        #[arg(long, short, default_value = "config/eliot.toml", env = "ELIOT_CONFIG")]
         config: PathBuf,
         /// Messages per second the simulator sends; 0 for as fast as the
         /// broker acknowledges.
@@ -84,9 +84,10 @@ enum PluginCommand {
     Build {
         /// Cargo packages to build; the example plugins when none is given.
         packages: Vec<String>,
-        /// Folder to copy the components into.
-        #[arg(long, default_value = "target/plugins")]
-        out: PathBuf,
+        /// Folder to copy the components into; `target/plugins` of the
+        /// workspace when not given, where config/eliot.toml looks.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -158,6 +159,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             } else {
                 packages
             };
+            let out = out.unwrap_or_else(|| workspace.join("target").join("plugins"));
             for path in crate::plugin_build::build(&workspace, &packages, &out)? {
                 println!("{}", path.display());
             }
@@ -181,14 +183,46 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             None
         }
         reason = escalation.wait_for(Option::is_some) => reason.ok().and_then(|r| r.clone()),
+        () = log_counts_periodically(&host) => None,
     };
+    let stats = host.stats.clone();
     host.shutdown(Duration::from_secs(30)).await;
+    log_counts(&stats);
     match escalated {
         None => {
             tracing::info!("eliot stopped");
             Ok(())
         }
         Some(reason) => anyhow::bail!("stopped by the supervisor: {reason}"),
+    }
+}
+
+/// Logs every pipeline's counters once a minute, when they changed.
+async fn log_counts_periodically(host: &Host) {
+    let mut last = host.snapshot();
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let now = host.snapshot();
+        if now != last {
+            log_counts(&host.stats);
+            last = now;
+        }
+    }
+}
+
+fn log_counts(pipelines: &std::collections::BTreeMap<String, std::sync::Arc<crate::stats::PipelineStats>>) {
+    for (name, stats) in pipelines.iter().map(|(name, stats)| (name, stats.snapshot())) {
+        tracing::info!(
+            pipeline = %name,
+            received = stats.received,
+            delivered = stats.delivered,
+            records_out = stats.records_out,
+            dropped = stats.dropped,
+            dead_lettered = stats.dead_lettered,
+            "pipeline counts"
+        );
     }
 }
 
@@ -243,23 +277,29 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
     tracing::info!(dir = %plugin_dir.display(), "building the example plugins");
     crate::plugin_build::build(&workspace, &packages, &plugin_dir)?;
 
-    // Step 2: start the host on a fresh output, so the counts below are this
-    // run's alone.
-    let config = load_config(config_path)?;
-    let mut outputs = vec![config.dead_letter_path.clone()];
-    for sink in config.sinks.values() {
-        if let SinkKind::File { path } = &sink.kind {
-            outputs.push(path.clone());
+    // Step 2: start the host on a fresh output folder of the demo's own, so
+    // that the counts below are this run's alone and nothing that `eliot
+    // run` wrote with the same config is touched.
+    let mut config = load_config(config_path)?;
+    let demo_dir = workspace.join("target").join("eliot-demo");
+    match std::fs::remove_dir_all(&demo_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot clear the demo output {}", demo_dir.display()))
         }
     }
-    for path in &outputs {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot remove the old output {}", path.display()))
-            }
+    let in_demo_dir = |path: &Path| {
+        demo_dir.join(
+            path.file_name()
+                .unwrap_or_else(|| std::ffi::OsStr::new("output")),
+        )
+    };
+    config.dead_letter_path = in_demo_dir(&config.dead_letter_path);
+    for sink in config.sinks.values_mut() {
+        if let SinkKind::File { path } = &mut sink.kind {
+            *path = in_demo_dir(path);
         }
     }
     let mut host = Host::start(config.clone()).await?;
@@ -317,6 +357,7 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
         }
     }
     let snapshot = host.snapshot();
+    let broker = host.broker;
     host.shutdown(Duration::from_secs(30)).await;
 
     println!();
@@ -330,10 +371,14 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
             stats.received, stats.delivered, stats.records_out, stats.dropped, stats.dead_lettered
         );
     }
-    for (name, sink) in &config.sinks {
+    let used: std::collections::BTreeSet<&String> =
+        config.pipelines.values().flat_map(|p| &p.sinks).collect();
+    for (name, sink) in config.sinks.iter().filter(|(name, _)| used.contains(name)) {
         match &sink.kind {
             SinkKind::File { path } => println!("  sink {name}: {}", path.display()),
-            SinkKind::Mqtt { .. } => println!("  sink {name}: republished on the embedded broker"),
+            SinkKind::Mqtt { .. } => {
+                println!("  sink {name}: republished on the broker at {broker}")
+            }
         }
     }
     println!("  dead letters: {}", config.dead_letter_path.display());

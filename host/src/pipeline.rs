@@ -618,14 +618,17 @@ async fn write_batch(
                     delivered += 1;
                     records += messages.len() as u64;
                 }
-                Err((stage, reason)) => letters.push(DeadLetter {
-                    pipeline: pipeline.to_owned(),
-                    stage,
-                    kind: FailureKind::Sink,
-                    reason,
-                    message: processed.job.message.clone(),
-                    topic_bytes: None,
-                }),
+                Err((stage, reason)) => {
+                    tracing::warn!(pipeline, stage, reason, topic = %processed.job.message.topic, "message dead-lettered");
+                    letters.push(DeadLetter {
+                        pipeline: pipeline.to_owned(),
+                        stage,
+                        kind: FailureKind::Sink,
+                        reason,
+                        message: processed.job.message.clone(),
+                        topic_bytes: None,
+                    });
+                }
             },
             ChainResult::Dropped { stage, reason } => {
                 tracing::debug!(pipeline, stage, reason, topic = %processed.job.message.topic, "message dropped by a stage");
