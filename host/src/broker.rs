@@ -18,7 +18,7 @@ pub fn parse_address(address: &str) -> Option<(String, u16)> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("embedded broker: cannot find a free port on {listen}: {source}")]
+    #[error("embedded broker: cannot listen on {listen}: {source}; pick another embedded_broker.listen, or port 0 for a free one")]
     NoPort {
         listen: SocketAddr,
         source: std::io::Error,
@@ -44,15 +44,13 @@ pub fn start_embedded(
     // rumqttd cannot report the port it bound, so pick one here. Another
     // process could take it in between; the readiness check below then fails
     // with a clear error instead of connecting to the wrong broker silently.
-    let address = if listen.port() == 0 {
-        let probe =
-            TcpListener::bind(listen).map_err(|source| BrokerError::NoPort { listen, source })?;
-        probe
-            .local_addr()
-            .map_err(|source| BrokerError::NoPort { listen, source })?
-    } else {
-        listen
-    };
+    // rumqttd cannot report the port it bound, so pick one here. Binding
+    // first also catches a fixed port that another broker holds, which the
+    // readiness check below would take for the embedded broker. Another
+    // process could still take the port in between.
+    let probe = TcpListener::bind(listen).map_err(|source| BrokerError::NoPort { listen, source })?;
+    let address = probe.local_addr().map_err(|source| BrokerError::NoPort { listen, source })?;
+    drop(probe);
 
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,

@@ -84,6 +84,14 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
 }
 
+/// Smallest `mqtt.max_packet_bytes` accepted: below it not even a CONNECT
+/// with a long client id fits.
+const MIN_PACKET_BYTES: usize = 1024;
+/// Largest payload MQTT can carry.
+pub const MQTT_MAX_PAYLOAD: usize = 268_435_455;
+/// Most workers per pipeline; far more than cores only costs memory.
+const MAX_WORKERS: usize = 1024;
+
 fn default_keep_alive_secs() -> u64 {
     30
 }
@@ -395,7 +403,10 @@ impl Config {
         let raw = parse_raw(path, text).map_err(|e| ConfigErrors(vec![e]))?;
         // Absolute paths keep log lines unambiguous and are what wasmtime's
         // cache requires.
-        let base = path.parent().map(Path::to_owned).unwrap_or_default();
+        let base = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
         let base = std::path::absolute(&base).unwrap_or(base);
         Validator {
             file: path,
@@ -414,7 +425,11 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
         fix: "correct the syntax at the position shown".to_owned(),
     })?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let key = e.path().to_string();
+        let key = match e.path().to_string() {
+            // serde_path_to_error names the top level ".".
+            path if path == "." => "(top level)".to_owned(),
+            path => path,
+        };
         let inner = e.into_inner();
         let message = inner.message().to_owned();
         let location = inner
@@ -504,6 +519,20 @@ impl Validator<'_> {
                 "set a client id unique on the broker",
             );
         }
+        if raw.mqtt.keep_alive_secs > u64::from(u16::MAX) {
+            self.error(
+                "mqtt.keep_alive_secs",
+                format!("{} is above MQTT's maximum of 65535 seconds", raw.mqtt.keep_alive_secs),
+                "use a value from 5 to 65535",
+            );
+        }
+        if !(MIN_PACKET_BYTES..=MQTT_MAX_PAYLOAD).contains(&raw.mqtt.max_packet_bytes) {
+            self.error(
+                "mqtt.max_packet_bytes",
+                format!("{} is outside {MIN_PACKET_BYTES}..={MQTT_MAX_PAYLOAD}", raw.mqtt.max_packet_bytes),
+                "use a limit of at least 1 KiB and at most MQTT's 256 MiB",
+            );
+        }
         if raw.mqtt.keep_alive_secs < 5 {
             self.error(
                 "mqtt.keep_alive_secs",
@@ -551,7 +580,13 @@ impl Validator<'_> {
             } else {
                 plugin_dir.join(&plugin.file)
             };
-            if !path.is_file() {
+            if path.is_dir() {
+                self.error(
+                    format!("plugins.{name}.file"),
+                    format!("{} is a folder, not a component file", path.display()),
+                    "name the .wasm file inside it",
+                );
+            } else if !path.is_file() {
                 self.error(
                     format!("plugins.{name}.file"),
                     format!("plugin file {} not found", path.display()),
@@ -660,11 +695,11 @@ impl Validator<'_> {
                 }
             }
             let qos = self.qos(format!("pipelines.{name}.qos"), pipeline.qos);
-            if pipeline.workers == 0 {
+            if pipeline.workers == 0 || pipeline.workers > MAX_WORKERS {
                 self.error(
                     format!("pipelines.{name}.workers"),
-                    "0 workers cannot process anything",
-                    "use 1 or more",
+                    format!("{} workers is outside 1..={MAX_WORKERS}", pipeline.workers),
+                    "use about one worker per core; each worker holds an instance of every stage",
                 );
             }
             for stage in &pipeline.stages {
@@ -885,8 +920,34 @@ path = "out/processed.jsonl"
         ));
         assert!(errors[1]
             .contains("key `pipelines.telemetry.qos`: QoS 3 does not exist; use 0, 1 or 2"));
-        assert!(errors[2]
-            .contains("key `pipelines.telemetry.workers`: 0 workers cannot process anything"));
+        assert!(errors[2].contains("key `pipelines.telemetry.workers`: 0 workers is outside 1..=1024"));
+    }
+
+    #[test]
+    fn out_of_range_limits_are_reported() {
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                "client_id = \"eliot-test\"\nkeep_alive_secs = 70000\nmax_packet_bytes = 0",
+            )
+            .replace("stages = [\"enrich\"]", "stages = [\"enrich\"]\nworkers = 100000");
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains("key `mqtt.keep_alive_secs`: 70000 is above MQTT's maximum of 65535 seconds"));
+        assert!(errors[1].contains("key `mqtt.max_packet_bytes`: 0 is outside 1024..=268435455"));
+        assert!(errors[2].contains("key `pipelines.telemetry.workers`: 100000 workers is outside 1..=1024"));
+    }
+
+    #[test]
+    fn bare_file_name_resolves_against_current_folder() {
+        let (dir, _file) = setup();
+        let previous = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let config = Config::parse(Path::new("eliot.toml"), VALID);
+        std::env::set_current_dir(previous).unwrap();
+        let config = config.unwrap();
+        assert!(config.cache_dir.is_absolute(), "{}", config.cache_dir.display());
+        assert!(config.plugins["enrich"].path.is_absolute());
     }
 
     #[test]

@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(
             "bogus".parse::<FailureKind>(),
             Err("unknown failure kind \"bogus\"; use one of invalid, transient, timeout, trap, sink, \
-                 circuit-open, undecodable"
+                 circuit-open, undecodable, too-large, host-panic"
                 .to_owned())
         );
     }

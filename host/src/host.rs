@@ -54,7 +54,11 @@ impl Host {
                 .listen
                 .parse()
                 .context("embedded_broker.listen")?;
-            let address = crate::broker::start_embedded(listen, config.mqtt.max_packet_bytes)?;
+            let address = // The embedded broker takes payloads up to MQTT's maximum, so that
+            // the host, not the broker, rejects oversized ones: the host
+            // stores them as dead letters, the broker would only drop the
+            // publisher's connection.
+            crate::broker::start_embedded(listen, crate::config::MQTT_MAX_PAYLOAD)?;
             tracing::info!(address = %address, "embedded broker listening");
             address
         } else {

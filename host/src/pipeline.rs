@@ -694,6 +694,7 @@ async fn write_outputs(
                 let topic = mqtt
                     .topic
                     .render(pipeline, message)
+                    .and_then(|topic| mqtt.check_size(&topic, &message.payload).map(|()| topic))
                     .map_err(|reason| (format!("sink:{}", sink.name), reason))?;
                 topics.push(topic);
             }

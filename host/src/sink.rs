@@ -314,6 +314,9 @@ pub enum SinkError {
 /// which stops reading while the pipeline is full.
 pub struct MqttSink {
     client: rumqttc::AsyncClient,
+    /// Largest packet the broker connection accepts; a bigger publish
+    /// would fail the connection.
+    max_packet_bytes: usize,
     pub topic: TopicTemplate,
     pub qos: rumqttc::QoS,
     pub retain: bool,
@@ -352,10 +355,33 @@ impl MqttSink {
         });
         Self {
             client,
+            max_packet_bytes,
             topic,
             qos,
             retain,
         }
+    }
+
+    /// Checks that a publish of `payload` on `topic` fits MQTT and the
+    /// packet limit, so that one oversized output is dead-lettered instead
+    /// of failing the connection and the messages queued behind it.
+    ///
+    /// # Errors
+    ///
+    /// Returns why the publish cannot be sent.
+    pub fn check_size(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        if topic.len() > usize::from(u16::MAX) {
+            return Err(format!("republish topic of {} bytes exceeds MQTT's 65535 bytes", topic.len()));
+        }
+        // Fixed header (at most 5 bytes), topic length prefix and packet id.
+        let packet = 5 + 2 + topic.len() + 2 + payload.len();
+        if packet > self.max_packet_bytes {
+            return Err(format!(
+                "republished packet of {packet} bytes exceeds mqtt.max_packet_bytes ({} bytes)",
+                self.max_packet_bytes
+            ));
+        }
+        Ok(())
     }
 
     /// Queues one publish. Waits while the client's request queue is full.

@@ -143,12 +143,15 @@ pub async fn run(
                     session_present = ack.session_present,
                     "connected to the broker"
                 );
-                if ack.session_present {
+                // Subscribe on every connect, also when the broker kept the
+                // session: the configuration may have gained filters since.
+                // Subscribing again to a kept filter replaces it and keeps
+                // its queued messages. Ready only once the broker confirmed
+                // every filter, because what is published before that
+                // reaches no subscriber.
+                awaiting_subacks = subscribe(&client, &pipelines).await;
+                if awaiting_subacks == 0 {
                     connected.send_replace(true);
-                } else {
-                    // Ready only once the broker confirmed every filter:
-                    // what is published before that reaches no subscriber.
-                    awaiting_subacks = subscribe(&client, &pipelines).await;
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {

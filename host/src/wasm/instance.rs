@@ -23,7 +23,10 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("plugin \"{plugin}\": {path} is not a valid Wasm component: {reason}")]
+    #[error(
+        "plugin \"{plugin}\": {path} is not a valid Wasm component: {reason}; \
+         build it for wasm32-wasip2 or as a component, or correct plugins.{plugin}.file"
+    )]
     Compile {
         plugin: String,
         path: PathBuf,
@@ -150,7 +153,9 @@ impl LoadedPlugin {
             Component::from_binary(&runtime.engine, &bytes).map_err(|e| LoadError::Compile {
                 plugin: plugin.clone(),
                 path: config.path.clone(),
-                reason: format!("{e:#}"),
+                // The first line names the problem; the rest is a dump of
+                // the bytes found, which helps nobody reading a config error.
+                reason: format!("{e:#}").lines().next().unwrap_or_default().to_owned(),
             })?;
         let instance_pre =
             runtime
