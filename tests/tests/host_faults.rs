@@ -242,3 +242,33 @@ fn broker_restart_with_persistence_loses_nothing() {
 fn broker_restart_without_persistence_resubscribes() {
     broker_restart(false);
 }
+
+#[test]
+fn filter_added_to_config_applies_with_kept_session() {
+    let broker = Mosquitto::builder().max_queued_messages(0).start();
+    let setup = Setup::new(&broker);
+    let mut host = setup.start_host("host-1.log");
+    let status = host.terminate(Duration::from_secs(30));
+    assert!(status.success());
+
+    // Same client id, so the broker keeps the session; one more filter.
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let text = text.replace(
+        r#"topics = ["devices/+/telemetry"]"#,
+        r#"topics = ["devices/+/telemetry", "site/+/telemetry"]"#,
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    let mut host = setup.start_host("host-2.log");
+    host.wait_for_log("session_present=true", Duration::from_secs(10));
+    host.wait_for_log("subscribed", Duration::from_secs(10));
+
+    let message = &messages(1)[0];
+    let topic = message.topic.replace("devices/", "site/");
+    publish_all(broker.port(), &[(topic.clone(), message.payload_bytes())], QoS::AtLeastOnce);
+    let output = setup.output();
+    wait_until("the message on the new filter is in the file sink", Duration::from_secs(30), || {
+        read_complete_lines(&output).iter().any(|line| line.contains(&format!("\"topic\":\"{topic}\"")))
+    });
+    let status = host.terminate(Duration::from_secs(30));
+    assert!(status.success());
+}
