@@ -44,7 +44,7 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 
 # cargo prints one result line per test binary, and the last one is often a
 # crate without doc tests ("0 passed"). One total line says what ran.
