@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use eliot::config::Config;
 use eliot::host::Host;
+use eliot_tests::config::example_config;
 use eliot_tests::data::{expected_messages, DeviceMessage};
 use eliot_tests::plugins::build_examples;
 use eliot_tests::wait::read_complete_lines;
@@ -19,46 +20,14 @@ use time::{OffsetDateTime, UtcOffset};
 const PROCESSED_BY: [&str; 3] = ["enrich@0.1.0", "validate-format@0.1.0", "sanity-filter@0.1.0"];
 
 /// Writes a configuration like the shipped one into `dir`, with the given
-/// broker line, and loads it.
+/// broker line and a republish sink beside the file sink, and loads it.
 fn write_config(dir: &Path, broker: &str, plugin_dir: &Path) -> Config {
-    let text = format!(
-        r#"
-[mqtt]
-broker = "{broker}"
-client_id = "eliot-test"
-
-[runtime]
-plugin_dir = "{plugins}"
-cache_dir = "cache"
-
-[dead_letters]
-path = "out/dead-letters.sqlite"
-
-[plugins.enrich]
-file = "enrich.wasm"
-
-[plugins.validate-format]
-file = "validate_format.wasm"
-
-[plugins.sanity-filter]
-file = "sanity_filter.wasm"
-config = {{ convert = {{ flow_lps = "flow_m3h" }} }}
-
-[pipelines.telemetry]
-topics = ["devices/+/telemetry"]
-stages = ["enrich", "validate-format", "sanity-filter"]
-sinks = ["file", "republish"]
-
-[sinks.file]
-type = "file"
-path = "out/processed.jsonl"
-
+    let republish = r#"
 [sinks.republish]
 type = "mqtt"
-topic = "processed/{{payload.sensor_type}}/{{payload.device_id}}"
-"#,
-        plugins = plugin_dir.display()
-    );
+topic = "processed/{payload.sensor_type}/{payload.device_id}"
+"#;
+    let text = example_config(broker, plugin_dir, "eliot-test", r#""file", "republish""#, republish);
     let path = dir.join("eliot.toml");
     std::fs::write(&path, text).unwrap();
     Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
