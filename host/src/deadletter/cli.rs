@@ -100,17 +100,17 @@ pub struct ConfigArg {
 #[derive(Debug, Default, Args)]
 pub struct FilterArgs {
     /// Only dead letters of this pipeline.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_non_empty)]
     pub pipeline: Option<String>,
     /// Only dead letters from this stage (plugin name, or sink:NAME for a sink).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_non_empty)]
     pub stage: Option<String>,
     /// Only dead letters of this kind: invalid, transient, timeout, trap,
-    /// sink, circuit-open or undecodable.
+    /// sink, circuit-open, undecodable, too-large or host-panic.
     #[arg(long, value_parser = parse_kind)]
     pub kind: Option<FailureKind>,
     /// Only dead letters whose topic starts with this text.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_non_empty)]
     pub topic_prefix: Option<String>,
 }
 
@@ -129,6 +129,16 @@ impl FilterArgs {
 
 fn parse_kind(text: &str) -> Result<FailureKind, String> {
     text.parse()
+}
+
+/// Rejects an empty filter value: an empty topic prefix would match every
+/// dead letter, which `purge` must only do with `--all`.
+fn parse_non_empty(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        Err("the value is empty; give a non-empty value or leave the filter out".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
 }
 
 /// Runs one subcommand and prints its output to standard output.

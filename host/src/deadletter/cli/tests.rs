@@ -359,10 +359,17 @@ fn bad_option_values_rejected() {
     assert!(
         error.contains(
             "invalid value 'bogus' for '--kind <KIND>': unknown failure kind \"bogus\"; use one of invalid, \
-             transient, timeout, trap, sink, circuit-open, undecodable"
+             transient, timeout, trap, sink, circuit-open, undecodable, too-large, host-panic"
         ),
         "{error}"
     );
+
+    let error = setup.run(&["purge", "--topic-prefix", ""]).unwrap_err();
+    assert!(
+        error.contains("invalid value '' for '--topic-prefix <TOPIC_PREFIX>': the value is empty"),
+        "{error}"
+    );
+    assert_eq!(setup.store.count(&ListFilter::default()).unwrap(), 3, "nothing was purged");
 }
 
 #[test]
