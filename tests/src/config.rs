@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// A configuration like the shipped one: the three example plugins in the
+/// Returns a configuration like the shipped one: the three example plugins in the
 /// `telemetry` pipeline, a file sink at `out/processed.jsonl` and the dead
 /// letters under `out/`, all relative to the folder of the file. `extra` is
 /// appended as TOML, for example more sinks or pipeline settings.

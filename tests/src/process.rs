@@ -39,7 +39,7 @@ impl HostProcess {
         host
     }
 
-    /// The log written so far.
+    /// Returns the log written so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
