@@ -205,7 +205,7 @@ async fn endless_loop_times_out() {
     let tables = r#"
 [plugins.loop-forever]
 file = "loop_forever.wasm"
-limits = { call_budget_ms = 50 }
+limits = { call_budget_ms = 250 }
 "#;
     let setup = Setup::start(&plugins, tables, &["loop-forever"]).await;
 
@@ -240,7 +240,9 @@ limits = { call_budget_ms = 50 }
     assert_eq!(letter["topic"], topic("a"), "{letter}");
     assert_eq!(letter_payload(letter), json!({ "command": "loop" }));
     let reason = letter["reason"].as_str().unwrap();
-    assert!(reason.contains("50 ms"), "the reason names the budget: {reason:?}");
+    // The budget is wall-clock time, so it is far above what a normal call
+    // takes (microseconds) even on a loaded 2-core machine.
+    assert!(reason.contains("250 ms"), "the reason names the budget: {reason:?}");
 
     // The instance that looped was replaced: device a's later messages and
     // device b's all arrived, each device in order.
