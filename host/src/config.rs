@@ -270,8 +270,11 @@ fn default_memory_mib() -> u64 {
     64
 }
 
+/// The budget is wall-clock time, so it also runs while the worker thread
+/// waits for a core. One second is far beyond a normal call (microseconds)
+/// even on a starved machine, yet stops an endless loop quickly.
 fn default_call_budget_ms() -> u64 {
-    100
+    1000
 }
 
 #[derive(Debug, Deserialize)]
