@@ -159,7 +159,8 @@ impl Host {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (connected_tx, connected) = watch::channel(false);
-        let acker = tokio::spawn(source::run_acker(client.clone(), ack_rx));
+        let ack_queue = crate::pipeline::AckQueue::new(ack_tx);
+        let acker = tokio::spawn(source::run_acker(client.clone(), ack_queue.connection_counter(), ack_rx));
         // NOTE: the source is not restarted after a panic, because its
         // connection and pending messages die with it; the host stops, and
         // the broker redelivers what was not acknowledged.
@@ -171,7 +172,7 @@ impl Host {
                 client,
                 eventloop,
                 Arc::new(pipelines),
-                ack_tx,
+                ack_queue,
                 shutdown_rx,
                 connected_tx,
                 acker,

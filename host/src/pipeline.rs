@@ -2,7 +2,7 @@
 //! sink task that writes results and releases acknowledgements.
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,20 +30,44 @@ const SINK_BATCH: usize = 256;
 /// a registration or a finish, and the released acks are queued on the
 /// unbounded channel while it is held, so they reach the acker in order.
 pub struct AckQueue {
-    tracker: std::sync::Mutex<AckTracker<rumqttc::Publish>>,
-    acks: mpsc::UnboundedSender<rumqttc::Publish>,
+    tracker: std::sync::Mutex<AckTracker<(rumqttc::Publish, u64)>>,
+    acks: mpsc::UnboundedSender<(rumqttc::Publish, u64)>,
+    /// Number of the current broker connection. A packet id is only valid on
+    /// the connection that delivered the message: after a reconnect the
+    /// broker delivers unacknowledged messages again (kept session) or has
+    /// forgotten them (no session), so an ack from an older connection is
+    /// skipped instead of acknowledging whatever reuses that packet id.
+    /// Shared with the acker, which must not hold the sender above: the
+    /// acker ends when the last sender is gone.
+    connection: Arc<AtomicU64>,
 }
 
 impl AckQueue {
-    pub fn new(acks: mpsc::UnboundedSender<rumqttc::Publish>) -> Arc<Self> {
+    pub fn new(acks: mpsc::UnboundedSender<(rumqttc::Publish, u64)>) -> Arc<Self> {
         Arc::new(Self {
             tracker: std::sync::Mutex::new(AckTracker::default()),
             acks,
+            connection: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker<rumqttc::Publish>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker<(rumqttc::Publish, u64)>> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the start of a new broker connection.
+    pub fn new_connection(&self) {
+        self.connection.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Number of the current broker connection.
+    pub fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
+    }
+
+    /// The connection number, for the acker.
+    pub fn connection_counter(&self) -> Arc<AtomicU64> {
+        self.connection.clone()
     }
 }
 
@@ -60,8 +84,8 @@ impl AckHandle {
     /// Registers `publish` in arrival order. `pipelines` is the number of
     /// pipelines the message was routed to.
     pub fn new(publish: rumqttc::Publish, pipelines: usize, queue: &Arc<AckQueue>) -> Arc<Self> {
-        let sequence =
-            (publish.qos != rumqttc::QoS::AtMostOnce).then(|| queue.lock().register(publish));
+        let sequence = (publish.qos != rumqttc::QoS::AtMostOnce)
+            .then(|| queue.lock().register((publish, queue.connection())));
         Arc::new(Self {
             remaining: AtomicUsize::new(pipelines),
             sequence,
@@ -79,10 +103,10 @@ impl AckHandle {
             return;
         };
         let mut tracker = self.queue.lock();
-        for publish in tracker.finish(sequence) {
+        for (publish, connection) in tracker.finish(sequence) {
             // The acker only stops after the source, so a send error means
             // the host is shutting down and the broker will redeliver.
-            let _ = self.queue.acks.send(publish);
+            let _ = self.queue.acks.send((publish, connection));
         }
     }
 }

@@ -92,13 +92,12 @@ pub async fn run(
     client: AsyncClient,
     mut eventloop: EventLoop,
     pipelines: Arc<Vec<Pipeline>>,
-    acks: mpsc::UnboundedSender<rumqttc::Publish>,
+    ack_queue: Arc<AckQueue>,
     mut shutdown: watch::Receiver<bool>,
     connected: watch::Sender<bool>,
     acker: tokio::task::JoinHandle<()>,
     max_payload_bytes: usize,
 ) {
-    let ack_queue = AckQueue::new(acks);
     let mut backoff = ReconnectBackoff::new();
     // Messages read from the broker and not yet taken by a worker, in
     // arrival order. While it has room the event loop keeps being polled, so
@@ -139,6 +138,7 @@ pub async fn run(
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
+                ack_queue.new_connection();
                 tracing::info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -308,8 +308,16 @@ pub const OVERSIZED_HEADER: &str = "eliot-oversized-limit";
 
 /// Sends the acknowledgements the pipelines release, until every sender is
 /// gone.
-pub async fn run_acker(client: AsyncClient, mut acks: mpsc::UnboundedReceiver<rumqttc::Publish>) {
-    while let Some(publish) = acks.recv().await {
+pub async fn run_acker(
+    client: AsyncClient,
+    current_connection: Arc<std::sync::atomic::AtomicU64>,
+    mut acks: mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
+) {
+    while let Some((publish, connection)) = acks.recv().await {
+        if connection != current_connection.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::debug!(topic = %publish.topic, pkid = publish.pkid, "ack from an earlier connection skipped; the broker redelivers or forgot the message");
+            continue;
+        }
         if let Err(e) = client.ack(&publish).await {
             tracing::warn!(topic = %publish.topic, pkid = publish.pkid, error = %e, "acknowledgement not sent; the broker will redeliver");
         }
