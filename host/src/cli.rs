@@ -346,21 +346,11 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
     let mut replay = Some(replay);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some(task) = replay.as_ref().filter(|t| t.is_finished()) {
-            let _ = task;
+        if replay.as_ref().is_some_and(|task| task.is_finished()) {
             published = Some(replay.take().expect("checked above").await??);
         }
+        log_counts(&host.stats);
         let snapshot = host.snapshot();
-        for (name, stats) in &snapshot {
-            tracing::info!(
-                pipeline = %name,
-                received = stats.received,
-                delivered = stats.delivered,
-                dropped = stats.dropped,
-                dead_lettered = stats.dead_lettered,
-                "progress"
-            );
-        }
         let finished: u64 = snapshot
             .values()
             .map(|s| s.delivered + s.dropped + s.dead_lettered)
