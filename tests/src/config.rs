@@ -2,6 +2,20 @@
 
 use std::path::{Path, PathBuf};
 
+/// The `[plugins.*]` tables of the three example plugins, as the shipped
+/// configuration has them.
+pub const EXAMPLE_PLUGIN_TABLES: &str = r#"
+[plugins.enrich]
+file = "enrich.wasm"
+
+[plugins.validate-format]
+file = "validate_format.wasm"
+
+[plugins.sanity-filter]
+file = "sanity_filter.wasm"
+config = { convert = { flow_lps = "flow_m3h" } }
+"#;
+
 /// Returns a configuration like the shipped one: the three example plugins in the
 /// `telemetry` pipeline, a file sink at `out/processed.jsonl` and the dead
 /// letters under `out/`, all relative to the folder of the file. `extra` is
@@ -21,16 +35,7 @@ cache_dir = "cache"
 [dead_letters]
 path = "out/dead-letters.sqlite"
 
-[plugins.enrich]
-file = "enrich.wasm"
-
-[plugins.validate-format]
-file = "validate_format.wasm"
-
-[plugins.sanity-filter]
-file = "sanity_filter.wasm"
-config = {{ convert = {{ flow_lps = "flow_m3h" }} }}
-
+{EXAMPLE_PLUGIN_TABLES}
 [pipelines.telemetry]
 topics = ["devices/+/telemetry"]
 stages = ["enrich", "validate-format", "sanity-filter"]

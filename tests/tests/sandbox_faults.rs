@@ -13,6 +13,7 @@ use eliot::config::Config;
 use eliot::breaker::BreakerState;
 use eliot::host::Host;
 use eliot::stats::StatsSnapshot;
+use eliot_tests::config::EXAMPLE_PLUGIN_TABLES;
 use eliot_tests::data::{expected_messages, DeviceMessage};
 use eliot_tests::plugins::{build_examples, build_plugins, TEST_PLUGIN_PACKAGES};
 use eliot_tests::wait::read_complete_lines;
@@ -453,18 +454,7 @@ fn instant(timestamp: &Value) -> OffsetDateTime {
 async fn malformed_flood_then_valid_data() {
     let _memory = shared_process_memory();
     let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
-    let tables = r#"
-[plugins.enrich]
-file = "enrich.wasm"
-
-[plugins.validate-format]
-file = "validate_format.wasm"
-
-[plugins.sanity-filter]
-file = "sanity_filter.wasm"
-config = { convert = { flow_lps = "flow_m3h" } }
-"#;
-    let setup = Setup::start(&plugins, tables, &["enrich", "validate-format", "sanity-filter"]).await;
+    let setup = Setup::start(&plugins, EXAMPLE_PLUGIN_TABLES, &["enrich", "validate-format", "sanity-filter"]).await;
 
     // 1,500 malformed payloads from ten devices, then 500 valid readings:
     // the first 125 of each bundled device.
