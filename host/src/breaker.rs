@@ -55,7 +55,7 @@ pub struct CircuitBreaker {
 }
 
 impl CircuitBreaker {
-    /// A closed breaker. A threshold of 0 is treated as 1.
+    /// Creates a closed breaker. A threshold of 0 is treated as 1.
     pub fn new(failure_threshold: u32, cool_down: Duration) -> Self {
         Self {
             failure_threshold: failure_threshold.max(1),

@@ -48,8 +48,11 @@ pub fn start_embedded(
     // first also catches a fixed port that another broker holds, which the
     // readiness check below would take for the embedded broker. Another
     // process could still take the port in between.
-    let probe = TcpListener::bind(listen).map_err(|source| BrokerError::NoPort { listen, source })?;
-    let address = probe.local_addr().map_err(|source| BrokerError::NoPort { listen, source })?;
+    let probe =
+        TcpListener::bind(listen).map_err(|source| BrokerError::NoPort { listen, source })?;
+    let address = probe
+        .local_addr()
+        .map_err(|source| BrokerError::NoPort { listen, source })?;
     drop(probe);
 
     let connections = rumqttd::ConnectionSettings {

@@ -229,8 +229,13 @@ async fn log_counts_periodically(host: &Host) {
     }
 }
 
-fn log_counts(pipelines: &std::collections::BTreeMap<String, std::sync::Arc<crate::stats::PipelineStats>>) {
-    for (name, stats) in pipelines.iter().map(|(name, stats)| (name, stats.snapshot())) {
+fn log_counts(
+    pipelines: &std::collections::BTreeMap<String, std::sync::Arc<crate::stats::PipelineStats>>,
+) {
+    for (name, stats) in pipelines
+        .iter()
+        .map(|(name, stats)| (name, stats.snapshot()))
+    {
         tracing::info!(
             pipeline = %name,
             received = stats.received,
@@ -277,7 +282,8 @@ async fn check(config_path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The quick start.
+/// Runs the quick start: builds the example plugins, starts the host, replays
+/// the bundled data and prints a summary.
 async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Result<()> {
     let cwd = std::env::current_dir()?;
     let workspace = crate::plugin_build::workspace_root(&cwd)

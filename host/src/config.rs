@@ -89,7 +89,8 @@ pub struct MqttConfig {
 const MIN_PACKET_BYTES: usize = 1024;
 /// Largest payload MQTT can carry.
 pub const MQTT_MAX_PAYLOAD: usize = 268_435_455;
-/// Most workers per pipeline; far more than cores only costs memory.
+/// Maximum workers per pipeline. Far more workers than cores only costs
+/// memory.
 const MAX_WORKERS: usize = 1024;
 
 fn default_keep_alive_secs() -> u64 {
@@ -525,14 +526,20 @@ impl Validator<'_> {
         if raw.mqtt.keep_alive_secs > u64::from(u16::MAX) {
             self.error(
                 "mqtt.keep_alive_secs",
-                format!("{} is above MQTT's maximum of 65535 seconds", raw.mqtt.keep_alive_secs),
+                format!(
+                    "{} is above MQTT's maximum of 65535 seconds",
+                    raw.mqtt.keep_alive_secs
+                ),
                 "use a value from 5 to 65535",
             );
         }
         if !(MIN_PACKET_BYTES..=MQTT_MAX_PAYLOAD).contains(&raw.mqtt.max_packet_bytes) {
             self.error(
                 "mqtt.max_packet_bytes",
-                format!("{} is outside {MIN_PACKET_BYTES}..={MQTT_MAX_PAYLOAD}", raw.mqtt.max_packet_bytes),
+                format!(
+                    "{} is outside {MIN_PACKET_BYTES}..={MQTT_MAX_PAYLOAD}",
+                    raw.mqtt.max_packet_bytes
+                ),
                 "use a limit of at least 1 KiB and at most MQTT's 256 MiB",
             );
         }
@@ -923,7 +930,9 @@ path = "out/processed.jsonl"
         ));
         assert!(errors[1]
             .contains("key `pipelines.telemetry.qos`: QoS 3 does not exist; use 0, 1 or 2"));
-        assert!(errors[2].contains("key `pipelines.telemetry.workers`: 0 workers is outside 1..=1024"));
+        assert!(
+            errors[2].contains("key `pipelines.telemetry.workers`: 0 workers is outside 1..=1024")
+        );
     }
 
     #[test]
@@ -933,12 +942,18 @@ path = "out/processed.jsonl"
                 "client_id = \"eliot-test\"",
                 "client_id = \"eliot-test\"\nkeep_alive_secs = 70000\nmax_packet_bytes = 0",
             )
-            .replace("stages = [\"enrich\"]", "stages = [\"enrich\"]\nworkers = 100000");
+            .replace(
+                "stages = [\"enrich\"]",
+                "stages = [\"enrich\"]\nworkers = 100000",
+            );
         let (_file, errors) = errors(&text);
         assert_eq!(errors.len(), 3, "{errors:#?}");
-        assert!(errors[0].contains("key `mqtt.keep_alive_secs`: 70000 is above MQTT's maximum of 65535 seconds"));
+        assert!(errors[0].contains(
+            "key `mqtt.keep_alive_secs`: 70000 is above MQTT's maximum of 65535 seconds"
+        ));
         assert!(errors[1].contains("key `mqtt.max_packet_bytes`: 0 is outside 1024..=268435455"));
-        assert!(errors[2].contains("key `pipelines.telemetry.workers`: 100000 workers is outside 1..=1024"));
+        assert!(errors[2]
+            .contains("key `pipelines.telemetry.workers`: 100000 workers is outside 1..=1024"));
     }
 
     #[test]
@@ -949,7 +964,11 @@ path = "out/processed.jsonl"
         let config = Config::parse(Path::new("eliot.toml"), VALID);
         std::env::set_current_dir(previous).unwrap();
         let config = config.unwrap();
-        assert!(config.cache_dir.is_absolute(), "{}", config.cache_dir.display());
+        assert!(
+            config.cache_dir.is_absolute(),
+            "{}",
+            config.cache_dir.display()
+        );
         assert!(config.plugins["enrich"].path.is_absolute());
     }
 

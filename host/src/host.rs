@@ -160,10 +160,14 @@ impl Host {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (connected_tx, connected) = watch::channel(false);
         let ack_queue = crate::pipeline::AckQueue::new(ack_tx);
-        let acker = tokio::spawn(source::run_acker(client.clone(), ack_queue.connection_counter(), ack_rx));
+        let acker = tokio::spawn(source::run_acker(
+            client.clone(),
+            ack_queue.connection_counter(),
+            ack_rx,
+        ));
         // NOTE: the source is not restarted after a panic, because its
-        // connection and pending messages die with it; the host stops, and
-        // the broker redelivers what was not acknowledged.
+        // connection and pending messages die with it. The host stops
+        // instead, and the broker redelivers what was not acknowledged.
         let source_supervisor = supervisor.clone();
         let source = tokio::spawn(async move {
             use futures::FutureExt as _;

@@ -65,7 +65,7 @@ impl AckQueue {
         self.connection.load(Ordering::Acquire)
     }
 
-    /// The connection number, for the acker.
+    /// Returns the shared connection number, which the acker reads.
     pub fn connection_counter(&self) -> Arc<AtomicU64> {
         self.connection.clone()
     }

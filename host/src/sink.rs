@@ -371,7 +371,10 @@ impl MqttSink {
     /// Returns why the publish cannot be sent.
     pub fn check_size(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
         if topic.len() > usize::from(u16::MAX) {
-            return Err(format!("republish topic of {} bytes exceeds MQTT's 65535 bytes", topic.len()));
+            return Err(format!(
+                "republish topic of {} bytes exceeds MQTT's 65535 bytes",
+                topic.len()
+            ));
         }
         // Fixed header (at most 5 bytes), topic length prefix and packet id.
         let packet = 5 + 2 + topic.len() + 2 + payload.len();

@@ -86,7 +86,7 @@ impl Supervisor {
     }
 }
 
-/// The text of a caught panic.
+/// Returns the text of a caught panic.
 pub fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(text) = panic.downcast_ref::<&str>() {
         (*text).to_owned()

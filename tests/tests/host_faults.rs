@@ -17,7 +17,7 @@ use eliot_tests::{publish_all, Mosquitto, QoS};
 
 const ELIOT: &str = env!("CARGO_BIN_EXE_eliot-under-test");
 
-/// The first `n` messages of the bundled data, devices interleaved.
+/// Returns the first `n` messages of the bundled data, devices interleaved.
 fn messages(n: usize) -> Vec<DeviceMessage> {
     let mut devices: BTreeMap<String, std::vec::IntoIter<DeviceMessage>> = BTreeMap::new();
     for message in expected_messages() {

@@ -75,7 +75,8 @@ fn expected_payload(message: &DeviceMessage) -> Value {
 fn take_received_at(payload: &mut Value) {
     let received = payload.as_object_mut().unwrap().remove("received_at").expect("received_at is set");
     let received = received.as_str().unwrap();
-    assert!(received.ends_with('Z') && received.len() == 24, "received_at {received}");
+    assert!(received.ends_with('Z'), "received_at {received} is in UTC");
+    assert_eq!(received.len(), 24, "received_at {received} has milliseconds");
     OffsetDateTime::parse(received, &Rfc3339).unwrap();
 }
 

@@ -155,7 +155,11 @@ impl LoadedPlugin {
                 path: config.path.clone(),
                 // The first line names the problem; the rest is a dump of
                 // the bytes found, which helps nobody reading a config error.
-                reason: format!("{e:#}").lines().next().unwrap_or_default().to_owned(),
+                reason: format!("{e:#}")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
             })?;
         let instance_pre =
             runtime

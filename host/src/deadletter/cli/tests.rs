@@ -369,7 +369,11 @@ fn bad_option_values_rejected() {
         error.contains("invalid value '' for '--topic-prefix <TOPIC_PREFIX>': the value is empty"),
         "{error}"
     );
-    assert_eq!(setup.store.count(&ListFilter::default()).unwrap(), 3, "nothing was purged");
+    assert_eq!(
+        setup.store.count(&ListFilter::default()).unwrap(),
+        3,
+        "nothing was purged"
+    );
 }
 
 #[test]
