@@ -69,6 +69,18 @@ impl<T> AckTracker<T> {
         released
     }
 
+    /// Forgets every registered item without releasing it, and returns how
+    /// many there were. Their sequence numbers become unknown, so finishing
+    /// one later releases nothing and holds nothing back. Used when the
+    /// connection that delivered them is gone: their packet ids mean
+    /// nothing to the next connection.
+    pub fn abandon_all(&mut self) -> usize {
+        let abandoned = self.slots.len();
+        self.head += abandoned as Sequence;
+        self.slots.clear();
+        abandoned
+    }
+
     /// Items registered and not yet released.
     pub fn pending(&self) -> usize {
         self.slots.len()
@@ -122,6 +134,22 @@ mod tests {
         assert_eq!(tracker.finish(a), Vec::<char>::new());
         assert_eq!(tracker.finish(99), Vec::<char>::new());
         assert_eq!(tracker.finish(b), vec!['b']);
+    }
+
+    #[test]
+    fn abandoned_items_release_nothing_and_block_nothing() {
+        let mut tracker = AckTracker::default();
+        let a = tracker.register('a');
+        let b = tracker.register('b');
+        assert_eq!(tracker.finish(b), Vec::<char>::new());
+        assert_eq!(tracker.abandon_all(), 2);
+        assert_eq!(tracker.pending(), 0);
+        // Finishing an abandoned item later releases nothing.
+        assert_eq!(tracker.finish(a), Vec::<char>::new());
+        // New items are not held back by the abandoned ones.
+        let c = tracker.register('c');
+        assert!(c > b);
+        assert_eq!(tracker.finish(c), vec!['c']);
     }
 
     #[test]

@@ -155,37 +155,32 @@ impl Host {
             keep_alive: Duration::from_secs(config.mqtt.keep_alive_secs),
             max_packet_bytes: config.mqtt.max_packet_bytes,
         };
-        let (client, eventloop) = source::connect(&options);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (connected_tx, connected) = watch::channel(false);
         let ack_queue = crate::pipeline::AckQueue::new(ack_tx);
-        let acker = tokio::spawn(source::run_acker(
-            client.clone(),
+        let (client, eventloop) = source::connect(&options);
+        let (client_tx, client_rx) = watch::channel(client.clone());
+        let acker = tokio::spawn(supervise_acker(
+            client_rx,
             ack_queue.connection_counter(),
             ack_rx,
+            supervisor.clone(),
         ));
-        // NOTE: the source is not restarted after a panic, because its
-        // connection and pending messages die with it. The host stops
-        // instead, and the broker redelivers what was not acknowledged.
-        let source_supervisor = supervisor.clone();
-        let source = tokio::spawn(async move {
-            use futures::FutureExt as _;
-
-            let run = source::run(
-                client,
-                eventloop,
-                Arc::new(pipelines),
+        let source = tokio::spawn(supervise_source(
+            options,
+            (client, eventloop),
+            client_tx,
+            SourceShared {
+                pipelines: Arc::new(pipelines),
                 ack_queue,
-                shutdown_rx,
-                connected_tx,
-                acker,
-                config.mqtt.max_packet_bytes,
-            );
-            if let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await {
-                source_supervisor.escalate("source", &crate::supervisor::panic_text(&panic));
-            }
-        });
+                shutdown: shutdown_rx,
+                connected: connected_tx,
+                max_payload_bytes: config.mqtt.max_packet_bytes,
+            },
+            acker,
+            supervisor.clone(),
+        ));
 
         Ok(Self {
             broker,
@@ -253,6 +248,95 @@ impl Host {
                 deadline_ms = deadline.as_millis() as u64,
                 "shutdown deadline passed; unacknowledged messages will be redelivered"
             );
+        }
+    }
+}
+
+/// What the source task shares with the rest of the host, and keeps over a
+/// restart.
+struct SourceShared {
+    pipelines: Arc<Vec<Pipeline>>,
+    ack_queue: Arc<crate::pipeline::AckQueue>,
+    shutdown: watch::Receiver<bool>,
+    connected: watch::Sender<bool>,
+    max_payload_bytes: usize,
+}
+
+/// Runs the source task and restarts it after a panic with a new broker
+/// connection. The messages the failed task held are not acknowledged, and
+/// the persistent session makes the broker deliver them again; messages
+/// that were already in a pipeline may so arrive twice, which
+/// at-least-once allows. Once shutdown is asked for, drains.
+async fn supervise_source(
+    options: SourceOptions,
+    mut connection: (rumqttc::AsyncClient, rumqttc::EventLoop),
+    client: watch::Sender<rumqttc::AsyncClient>,
+    shared: SourceShared,
+    acker: JoinHandle<()>,
+    supervisor: Arc<Supervisor>,
+) {
+    use futures::FutureExt as _;
+
+    loop {
+        let run = source::run(
+            connection.0,
+            connection.1,
+            &shared.pipelines,
+            &shared.ack_queue,
+            shared.shutdown.clone(),
+            &shared.connected,
+            shared.max_payload_bytes,
+        );
+        match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+            Ok(finished) => {
+                source::drain(
+                    finished,
+                    shared.pipelines,
+                    shared.ack_queue,
+                    acker,
+                    &shared.connected,
+                )
+                .await;
+                return;
+            }
+            Err(panic) => {
+                shared.connected.send_replace(false);
+                let reason = crate::supervisor::panic_text(&panic);
+                if !supervisor.restarted("source", &reason) {
+                    return;
+                }
+                let abandoned = shared.ack_queue.abandon_connection();
+                tracing::info!(
+                    abandoned,
+                    "source restarting with a new connection; the broker delivers its unacknowledged messages again"
+                );
+                connection = source::connect(&options);
+                client.send_replace(connection.0.clone());
+            }
+        }
+    }
+}
+
+/// Runs the acker and restarts it after a panic. The ack it was sending is
+/// lost, so the broker delivers that message again after the next
+/// reconnect; the ones behind it still go out.
+async fn supervise_acker(
+    client: watch::Receiver<rumqttc::AsyncClient>,
+    connection: Arc<std::sync::atomic::AtomicU64>,
+    mut acks: mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
+    supervisor: Arc<Supervisor>,
+) {
+    use futures::FutureExt as _;
+
+    loop {
+        let run = source::run_acker(client.clone(), connection.clone(), &mut acks);
+        match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => {
+                if !supervisor.restarted("acker", &crate::supervisor::panic_text(&panic)) {
+                    return;
+                }
+            }
         }
     }
 }

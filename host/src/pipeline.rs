@@ -60,6 +60,17 @@ impl AckQueue {
         self.connection.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Marks the start of a new broker connection after the source task
+    /// failed, and forgets the messages the old connection registered. The
+    /// failed task lost those that were not yet handed to a worker, so they
+    /// would hold back every later ack forever. None of them is acknowledged:
+    /// the broker delivers them again to the new connection.
+    pub fn abandon_connection(&self) -> usize {
+        let mut tracker = self.lock();
+        self.connection.fetch_add(1, Ordering::AcqRel);
+        tracker.abandon_all()
+    }
+
     /// Number of the current broker connection.
     pub fn connection(&self) -> u64 {
         self.connection.load(Ordering::Acquire)

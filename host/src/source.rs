@@ -80,24 +80,20 @@ pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
     AsyncClient::new(mqtt, 1024)
 }
 
-/// Reads messages until `shutdown` turns true, then drains: it stops
-/// routing, releases the pipelines so that they finish what they hold, keeps
-/// the connection polled until `acker` has queued the last acknowledgement,
-/// and disconnects. Messages that arrive while draining are left
-/// unacknowledged, so the broker delivers them again to the next session.
+/// Reads messages until `shutdown` turns true and returns the connection,
+/// which [`drain`] then keeps polled while the last acks go out.
 ///
 /// Reconnects with backoff after a connection error and subscribes again
-/// whenever the broker reports that it kept no session.
+/// on every connect.
 pub async fn run(
     client: AsyncClient,
     mut eventloop: EventLoop,
-    pipelines: Arc<Vec<Pipeline>>,
-    ack_queue: Arc<AckQueue>,
+    pipelines: &[Pipeline],
+    ack_queue: &Arc<AckQueue>,
     mut shutdown: watch::Receiver<bool>,
-    connected: watch::Sender<bool>,
-    acker: tokio::task::JoinHandle<()>,
+    connected: &watch::Sender<bool>,
     max_payload_bytes: usize,
-) {
+) -> (AsyncClient, EventLoop) {
     let mut backoff = ReconnectBackoff::new();
     // Messages read from the broker and not yet taken by a worker, in
     // arrival order. While it has room the event loop keeps being polled, so
@@ -129,9 +125,9 @@ pub async fn run(
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 route(
-                    &pipelines,
+                    pipelines,
                     publish,
-                    &ack_queue,
+                    ack_queue,
                     max_payload_bytes,
                     &mut pending,
                 );
@@ -149,7 +145,7 @@ pub async fn run(
                 // its queued messages. Ready only once the broker confirmed
                 // every filter, because what is published before that
                 // reaches no subscriber.
-                awaiting_subacks = subscribe(&client, &pipelines).await;
+                awaiting_subacks = subscribe(&client, pipelines).await;
                 if awaiting_subacks == 0 {
                     connected.send_replace(true);
                 }
@@ -187,14 +183,27 @@ pub async fn run(
         }
     }
 
-    // Draining. Messages still pending were never handed to a worker and
-    // stay unacknowledged. Dropping the last handles of the pipelines and of
-    // the ack channel lets the workers, the sink tasks and then the acker
-    // finish.
+    // Messages still pending were never handed to a worker and stay
+    // unacknowledged.
     drop(pending);
+    (client, eventloop)
+}
+
+/// Drains after [`run`] returned: dropping the last handles of the
+/// pipelines and of the ack queue lets the workers, the sink tasks and then
+/// the acker finish, while the connection is kept polled so that their
+/// acks go out. Then disconnects. Messages that arrive while draining are
+/// left unacknowledged, so the broker delivers them again to the next
+/// session.
+pub async fn drain(
+    (client, mut eventloop): (AsyncClient, EventLoop),
+    pipelines: Arc<Vec<Pipeline>>,
+    ack_queue: Arc<AckQueue>,
+    mut acker: tokio::task::JoinHandle<()>,
+    connected: &watch::Sender<bool>,
+) {
     drop(pipelines);
     drop(ack_queue);
-    let mut acker = acker;
     loop {
         tokio::select! {
             _ = &mut acker => break,
@@ -253,6 +262,10 @@ fn route(
     max_payload_bytes: usize,
     pending: &mut VecDeque<Routed>,
 ) {
+    #[cfg(feature = "fault-injection")]
+    if publish.topic.contains(FAULT_INJECTION_SOURCE_TOPIC_LEVEL) && inject_once(&SOURCE_FAULT) {
+        panic!("fault injected in the source for topic {}", publish.topic);
+    }
     let matching: Vec<usize> = pipelines
         .iter()
         .enumerate()
@@ -307,19 +320,47 @@ fn route(
 pub const OVERSIZED_HEADER: &str = "eliot-oversized-limit";
 
 /// Sends the acknowledgements the pipelines release, until every sender is
-/// gone.
+/// gone. `client` names the client of the source's current connection; a
+/// restarted source task replaces it.
 pub async fn run_acker(
-    client: AsyncClient,
+    client: watch::Receiver<AsyncClient>,
     current_connection: Arc<std::sync::atomic::AtomicU64>,
-    mut acks: mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
+    acks: &mut mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
 ) {
     while let Some((publish, connection)) = acks.recv().await {
         if connection != current_connection.load(std::sync::atomic::Ordering::Acquire) {
             tracing::debug!(topic = %publish.topic, pkid = publish.pkid, "ack from an earlier connection skipped; the broker redelivers or forgot the message");
             continue;
         }
+        #[cfg(feature = "fault-injection")]
+        if publish.topic.contains(FAULT_INJECTION_ACKER_TOPIC_LEVEL) && inject_once(&ACKER_FAULT) {
+            panic!("fault injected in the acker for topic {}", publish.topic);
+        }
+        let client = client.borrow().clone();
         if let Err(e) = client.ack(&publish).await {
             tracing::warn!(topic = %publish.topic, pkid = publish.pkid, error = %e, "acknowledgement not sent; the broker will redeliver");
         }
     }
+}
+
+/// A topic level that makes the source task panic on the first message that
+/// carries it, and only on the first: the broker delivers that message again
+/// after the restart, and it must then pass. Compiled only with the
+/// `fault-injection` feature, which only the test crate turns on.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_SOURCE_TOPIC_LEVEL: &str = "eliot-fault-injection-source-once";
+
+/// Like [`FAULT_INJECTION_SOURCE_TOPIC_LEVEL`], for the acker task.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_ACKER_TOPIC_LEVEL: &str = "eliot-fault-injection-acker-once";
+
+#[cfg(feature = "fault-injection")]
+static SOURCE_FAULT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+#[cfg(feature = "fault-injection")]
+static ACKER_FAULT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Returns `true` the first time it is called with `fired`.
+#[cfg(feature = "fault-injection")]
+fn inject_once(fired: &std::sync::atomic::AtomicBool) -> bool {
+    !fired.swap(true, std::sync::atomic::Ordering::AcqRel)
 }
