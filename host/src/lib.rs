@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod deadletter;
 pub mod host;
+pub mod outbox;
 pub mod pipeline;
 pub mod plugin_build;
 pub mod restart;

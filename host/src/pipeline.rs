@@ -640,19 +640,16 @@ async fn write_batch(
     stats: &PipelineStats,
 ) {
     let mut letters = Vec::new();
-    let mut delivered = 0;
     let mut dropped = 0;
-    let mut records = 0;
+    // Inputs written, with the confirmations of their republished outputs.
+    let mut written = Vec::new();
     for processed in batch {
         match &processed.result {
             ChainResult::Outputs {
                 messages,
                 processed_by,
             } => match write_outputs(pipeline, sinks, messages, processed_by).await {
-                Ok(()) => {
-                    delivered += 1;
-                    records += messages.len() as u64;
-                }
+                Ok(confirmations) => written.push((processed, messages.len(), confirmations)),
                 Err((stage, reason)) => {
                     tracing::warn!(pipeline, stage, reason, topic = %processed.job.message.topic, "message dead-lettered");
                     letters.push(DeadLetter {
@@ -695,6 +692,41 @@ async fn write_batch(
             .await;
         }
     }
+    // An input counts as delivered once the broker confirmed every output
+    // the MQTT sinks republished for it.
+    let mut delivered = 0;
+    let mut records = 0;
+    for (processed, outputs, confirmations) in written {
+        let mut failure = None;
+        for confirmation in confirmations {
+            let result = confirmation.await.unwrap_or_else(|_| {
+                Err(
+                    "the republish connection task ended before the broker confirmed the publish"
+                        .to_owned(),
+                )
+            });
+            if let Err(reason) = result {
+                failure = Some(reason);
+            }
+        }
+        match failure {
+            None => {
+                delivered += 1;
+                records += outputs as u64;
+            }
+            Some(reason) => {
+                tracing::warn!(pipeline, reason, topic = %processed.job.message.topic, "message dead-lettered");
+                letters.push(DeadLetter {
+                    pipeline: pipeline.to_owned(),
+                    stage: "sink".to_owned(),
+                    kind: FailureKind::Sink,
+                    reason,
+                    message: processed.job.message.clone(),
+                    topic_bytes: None,
+                });
+            }
+        }
+    }
     if !letters.is_empty() {
         let letters: Vec<&DeadLetter> = letters.iter().collect();
         retry_until_ok("dead-letter store", || dead_letters.append(&letters)).await;
@@ -706,15 +738,16 @@ async fn write_batch(
     stats::add(&stats.dead_lettered, letters.len() as u64);
 }
 
-/// Writes every output of one input to every sink. A topic that cannot be
-/// built fails the whole input before anything is written, so that an input
-/// is either delivered in full or dead-lettered.
+/// Writes every output of one input to every sink, and returns the
+/// confirmations of what the MQTT sinks publish. A topic that cannot be built
+/// fails the whole input before anything is written, so that an input is
+/// either delivered in full or dead-lettered.
 async fn write_outputs(
     pipeline: &str,
     sinks: &[Arc<Sink>],
     outputs: &[Message],
     processed_by: &[String],
-) -> Result<(), (String, String)> {
+) -> Result<Vec<crate::sink::Confirmation>, (String, String)> {
     #[cfg(feature = "fault-injection")]
     if outputs
         .iter()
@@ -737,6 +770,7 @@ async fn write_outputs(
     }
 
     let mut topics = topics.into_iter();
+    let mut confirmations = Vec::new();
     for sink in sinks {
         match &sink.target {
             SinkTarget::File(file) => {
@@ -759,15 +793,12 @@ async fn write_outputs(
             SinkTarget::Mqtt(mqtt) => {
                 for message in outputs {
                     let topic = topics.next().expect("one topic was rendered per output");
-                    if let Err(e) = mqtt.publish(topic, message.payload.clone()).await {
-                        // Only fails once the client is closed, at shutdown.
-                        tracing::error!(pipeline, sink = %sink.name, error = %e, "republish failed");
-                    }
+                    confirmations.push(mqtt.publish(topic, message.payload.clone()).await);
                 }
             }
         }
     }
-    Ok(())
+    Ok(confirmations)
 }
 
 /// Retries a sink write with capped exponential backoff until it succeeds,

@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -305,15 +306,18 @@ pub enum SinkError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot publish to the broker: {0}")]
-    Publish(#[from] rumqttc::ClientError),
 }
 
 /// Publishes results on its own MQTT connection. A separate connection keeps
 /// the republish path from waiting behind the subscription's event loop,
 /// which stops reading while the pipeline is full.
+///
+/// Every publish stays in an [`Outbox`](crate::outbox::Outbox) until the
+/// broker confirmed it, and [`MqttSink::publish`] returns a
+/// [`Confirmation`] that resolves then; the pipeline acknowledges the input
+/// only after that.
 pub struct MqttSink {
-    client: rumqttc::AsyncClient,
+    shared: Arc<Republish>,
     /// Largest packet the broker connection accepts; a bigger publish
     /// would fail the connection.
     max_packet_bytes: usize,
@@ -322,9 +326,89 @@ pub struct MqttSink {
     pub retain: bool,
 }
 
+/// Most publishes the sink holds unconfirmed; a full window makes
+/// [`MqttSink::publish`] wait, and so the pipeline stop reading.
+const REPUBLISH_WINDOW: usize = 1000;
+
+/// Resolves once the broker confirmed one publish, or with the reason the
+/// sink gave it up. A receive error means that the sink's connection task
+/// is gone, so the publish will never be confirmed.
+pub type Confirmation = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
+/// Connections a publish may see lost while it is in flight before the sink
+/// gives it up. A publish the broker answers by closing the connection (one
+/// over the broker's own size limit, or a topic its ACL forbids on MQTT 3.1.1)
+/// would otherwise be sent again after every reconnect, for ever, and hold
+/// up everything behind it.
+const REPUBLISH_ATTEMPTS: u32 = 5;
+
+/// A publish as the outbox keeps it, with whom to tell once it is confirmed.
+struct Pending {
+    topic: String,
+    payload: Vec<u8>,
+    /// Connections it was queued on.
+    attempts: u32,
+    confirm: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+/// State shared by the sink and its connection task.
+struct Republish {
+    state: std::sync::Mutex<RepublishState>,
+    /// One permit per free place in the window.
+    room: tokio::sync::Semaphore,
+}
+
+struct RepublishState {
+    outbox: crate::outbox::Outbox<Pending>,
+    /// The current connection's client, while it is up. Queueing under the
+    /// lock keeps the channel in the order the outbox expects.
+    client: Option<rumqttc::AsyncClient>,
+    qos: rumqttc::QoS,
+    retain: bool,
+    closed: bool,
+}
+
+impl Republish {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RepublishState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RepublishState {
+    /// Queues one publish on the current connection. The channel has room
+    /// for the whole window, so it is never full; a closed channel means
+    /// the connection is being replaced, and the next one sends it again.
+    fn queue(
+        client: Option<&rumqttc::AsyncClient>,
+        qos: rumqttc::QoS,
+        retain: bool,
+        pending: &mut Pending,
+    ) {
+        pending.attempts += 1;
+        if let Some(client) = client {
+            let _ = client.try_publish(pending.topic.clone(), qos, retain, pending.payload.clone());
+        }
+    }
+
+    /// Tells the publisher of a confirmed publish, and frees its place.
+    fn confirm(
+        room: &tokio::sync::Semaphore,
+        confirmed: Option<Pending>,
+        result: Result<(), String>,
+    ) {
+        if let Some(mut pending) = confirmed {
+            if let Some(confirm) = pending.confirm.take() {
+                // The publisher may have stopped waiting (shutdown).
+                let _ = confirm.send(result);
+            }
+            room.add_permits(1);
+        }
+    }
+}
+
 impl MqttSink {
     /// Connects to `host:port` with client id `client_id` and drives the
-    /// connection in a background task until the client is dropped.
+    /// connection in a background task until the sink is dropped.
     pub fn connect(
         host: &str,
         port: u16,
@@ -337,24 +421,19 @@ impl MqttSink {
         let mut options = rumqttc::MqttOptions::new(client_id.clone(), host, port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(max_packet_bytes, max_packet_bytes);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1024);
-        tokio::spawn(async move {
-            let mut backoff = crate::source::ReconnectBackoff::new();
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => backoff.reset(),
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::RequestsDone) => break,
-                    Err(e) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(client_id, error = %e, retry_in_ms = delay.as_millis() as u64, "republish connection lost");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-            }
+        let shared = Arc::new(Republish {
+            state: std::sync::Mutex::new(RepublishState {
+                outbox: crate::outbox::Outbox::new(qos == rumqttc::QoS::AtMostOnce),
+                client: None,
+                qos,
+                retain,
+                closed: false,
+            }),
+            room: tokio::sync::Semaphore::new(REPUBLISH_WINDOW),
         });
+        tokio::spawn(drive_republish(options, client_id, shared.clone()));
         Self {
-            client,
+            shared,
             max_packet_bytes,
             topic,
             qos,
@@ -370,6 +449,11 @@ impl MqttSink {
     ///
     /// Returns why the publish cannot be sent.
     pub fn check_size(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            return Err(format!(
+                "republish topic \"{topic}\" is empty or holds a wildcard (+ or #), which MQTT allows only in filters; check the sink's topic template and the fields it takes"
+            ));
+        }
         if topic.len() > usize::from(u16::MAX) {
             return Err(format!(
                 "republish topic of {} bytes exceeds MQTT's 65535 bytes",
@@ -387,12 +471,157 @@ impl MqttSink {
         Ok(())
     }
 
-    /// Queues one publish. Waits while the client's request queue is full.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), SinkError> {
-        self.client
-            .publish(topic, self.qos, self.retain, payload)
-            .await?;
-        Ok(())
+    /// Adds one publish to the outbox and returns what resolves once the
+    /// broker confirmed it. Waits while the window of unconfirmed publishes
+    /// is full.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Confirmation {
+        let (confirm, confirmation) = tokio::sync::oneshot::channel();
+        // The semaphore is never closed, so acquiring only waits.
+        if let Ok(permit) = self.shared.room.acquire().await {
+            // Given back when the publish is confirmed.
+            permit.forget();
+        }
+        let mut state = self.shared.lock();
+        let (_, queue_now) = state.outbox.push(Pending {
+            topic,
+            payload,
+            attempts: 0,
+            confirm: Some(confirm),
+        });
+        if queue_now {
+            let state = &mut *state;
+            if let Some(pending) = state.outbox.iter_mut().last() {
+                RepublishState::queue(state.client.as_ref(), state.qos, state.retain, pending);
+            }
+        }
+        confirmation
+    }
+}
+
+impl Drop for MqttSink {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        if let Some(client) = &state.client {
+            let _ = client.try_disconnect();
+        }
+    }
+}
+
+/// Drives the sink's connection: a new rumqttc event loop for every
+/// connection, so that what was queued on a lost one is dropped with it and
+/// sent again from the outbox, exactly once per connection.
+async fn drive_republish(options: rumqttc::MqttOptions, client_id: String, shared: Arc<Republish>) {
+    let mut backoff = crate::source::ReconnectBackoff::new();
+    loop {
+        let (client, mut eventloop) =
+            rumqttc::AsyncClient::new(options.clone(), REPUBLISH_WINDOW + 1);
+        loop {
+            let event = eventloop.poll().await;
+            match on_republish_event(&shared, &client, &client_id, event) {
+                Step::Next => {}
+                Step::Stop => return,
+                Step::Reconnect { error, unconfirmed } => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        client_id,
+                        error,
+                        unconfirmed,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "republish connection lost; unconfirmed publishes are sent again after reconnecting"
+                    );
+                    tokio::time::sleep(delay).await;
+                    // A new event loop: the old one's channel and packet ids
+                    // are dropped with it.
+                    break;
+                }
+                Step::Connected => backoff.reset(),
+            }
+        }
+    }
+}
+
+/// What the republish connection task does after one event.
+enum Step {
+    Next,
+    Connected,
+    Reconnect { error: String, unconfirmed: usize },
+    Stop,
+}
+
+/// Applies one event of the republish connection to the outbox.
+fn on_republish_event(
+    shared: &Republish,
+    client: &rumqttc::AsyncClient,
+    client_id: &str,
+    event: Result<rumqttc::Event, rumqttc::ConnectionError>,
+) -> Step {
+    use rumqttc::{Event, Outgoing, Packet};
+
+    let mut guard = shared.lock();
+    let state = &mut *guard;
+    match event {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            if state.closed {
+                let _ = client.try_disconnect();
+                return Step::Connected;
+            }
+            state.client = Some(client.clone());
+            let again = state.outbox.connected();
+            if again > 0 {
+                tracing::info!(
+                    client_id,
+                    publishes = again,
+                    "republish connection up; sending the unconfirmed publishes"
+                );
+            }
+            for pending in state.outbox.iter_mut() {
+                RepublishState::queue(Some(client), state.qos, state.retain, pending);
+            }
+            Step::Connected
+        }
+        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            let confirmed = state.outbox.written(pkid);
+            RepublishState::confirm(&shared.room, confirmed, Ok(()));
+            Step::Next
+        }
+        Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+            state.outbox.held_back(pkid);
+            Step::Next
+        }
+        Ok(Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid })))
+        | Ok(Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid }))) => {
+            let confirmed = state.outbox.acknowledged(pkid);
+            RepublishState::confirm(&shared.room, confirmed, Ok(()));
+            Step::Next
+        }
+        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+            state.client = None;
+            Step::Stop
+        }
+        Ok(_) => Step::Next,
+        Err(e) => {
+            state.client = None;
+            state.outbox.disconnected();
+            if state.closed {
+                return Step::Stop;
+            }
+            let given_up = state
+                .outbox
+                .take_if(|pending| pending.attempts >= REPUBLISH_ATTEMPTS);
+            for pending in given_up {
+                let reason = format!(
+                    "the republish connection was lost {REPUBLISH_ATTEMPTS} times while this publish to \"{}\" was in flight; the broker may refuse it (its message size limit or ACL)",
+                    pending.topic
+                );
+                tracing::error!(client_id, topic = %pending.topic, reason, "republish given up");
+                RepublishState::confirm(&shared.room, Some(pending), Err(reason));
+            }
+            Step::Reconnect {
+                error: e.to_string(),
+                unconfirmed: state.outbox.len(),
+            }
+        }
     }
 }
 
