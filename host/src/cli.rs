@@ -191,7 +191,14 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = load_config(config_path)?;
+    let watch = config.watch;
     let host = Host::start(config).await?;
+    // Dropping the watcher stops reloads; it lives as long as `run`.
+    let _watcher = if watch {
+        Some(host.reloader.watch().await?)
+    } else {
+        None
+    };
     tracing::info!(broker = %host.broker, "eliot is running; stop it with Ctrl-C or SIGTERM");
     let mut escalation = host.supervisor.escalation();
     let escalated = tokio::select! {

@@ -71,7 +71,7 @@ struct RawConfig {
 }
 
 /// The broker connection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `"embedded"`, or `host:port` of an external broker.
@@ -102,7 +102,7 @@ fn default_max_packet_bytes() -> usize {
 }
 
 /// The broker that Eliot can run inside its own process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedBrokerConfig {
     /// Loopback address to listen on; port 0 picks a free port.
@@ -127,6 +127,7 @@ fn default_embedded_listen() -> String {
 struct RawRuntimeConfig {
     plugin_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
+    watch: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,6 +328,8 @@ pub struct Config {
     pub plugin_dir: PathBuf,
     /// Folder of wasmtime's compiled-component cache.
     pub cache_dir: PathBuf,
+    /// Whether `run` reloads changed plugin files and this file.
+    pub watch: bool,
     pub dead_letter_path: PathBuf,
     pub plugins: BTreeMap<String, PluginConfig>,
     pub pipelines: BTreeMap<String, PipelineConfig>,
@@ -759,6 +762,7 @@ impl Validator<'_> {
             embedded_broker: raw.embedded_broker,
             plugin_dir,
             cache_dir,
+            watch: raw.runtime.watch.unwrap_or(true),
             dead_letter_path,
             plugins,
             pipelines,

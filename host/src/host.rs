@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, SinkKind};
 use crate::deadletter::DeadLetterStore;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PluginSlot, Stage, StageList};
 use crate::sink::{FileSink, MqttSink, Sink, SinkTarget};
 use crate::source::{self, SourceOptions};
 use crate::stats::{PipelineStats, StatsSnapshot};
@@ -25,10 +25,11 @@ pub struct Host {
     /// Address of the broker the host is connected to.
     pub broker: SocketAddr,
     pub stats: BTreeMap<String, Arc<PipelineStats>>,
-    pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     pub supervisor: Arc<Supervisor>,
     /// Every pipeline's stages, for their breaker states.
-    pub stages: BTreeMap<String, Arc<[crate::pipeline::Stage]>>,
+    pub stages: BTreeMap<String, Arc<StageList>>,
+    /// Applies changed plugin files and config; see [`Host::watch`].
+    pub reloader: Arc<crate::reload::Reloader>,
     pub sinks: BTreeMap<String, Arc<Sink>>,
     shutdown: watch::Sender<bool>,
     connected: watch::Receiver<bool>,
@@ -47,6 +48,7 @@ impl Host {
     /// Fails when a plugin does not load, a sink cannot be opened, or the
     /// embedded broker does not start.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let config_for_reload = config.clone();
         // Resolve the broker first: the republish sinks connect to it too.
         let broker = if config.mqtt.broker == "embedded" {
             let listen: SocketAddr = config
@@ -91,7 +93,7 @@ impl Host {
                 file = %loaded.path.display(),
                 "plugin loaded"
             );
-            plugins.insert(name.clone(), Arc::new(loaded));
+            plugins.insert(name.clone(), Arc::new(PluginSlot::new(Arc::new(loaded))));
         }
 
         let dead_letters = Arc::new(DeadLetterStore::open(&config.dead_letter_path)?);
@@ -124,7 +126,13 @@ impl Host {
         let mut stats = BTreeMap::new();
         let mut stage_map = BTreeMap::new();
         for pipeline in config.pipelines.values() {
-            let stages = pipeline.stages.iter().map(|s| plugins[s].clone()).collect();
+            let stages = Arc::new(StageList::new(
+                pipeline
+                    .stages
+                    .iter()
+                    .map(|s| Arc::new(Stage::new(s.clone(), plugins[s].clone())))
+                    .collect(),
+            ));
             let pipeline_sinks = pipeline.sinks.iter().map(|s| sinks[s].clone()).collect();
             let (running, task) = Pipeline::start(
                 pipeline.clone(),
@@ -182,11 +190,17 @@ impl Host {
             supervisor.clone(),
         ));
 
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            runtime.clone(),
+            config_for_reload,
+            plugins,
+            stage_map.clone(),
+        ));
         Ok(Self {
             broker,
             stats,
-            plugins,
             supervisor,
+            reloader,
             stages: stage_map,
             sinks,
             shutdown,
@@ -209,11 +223,8 @@ impl Host {
     pub fn breaker_states(&self) -> BTreeMap<String, crate::breaker::BreakerState> {
         let mut states = BTreeMap::new();
         for (pipeline, stages) in &self.stages {
-            for stage in stages.iter() {
-                states.insert(
-                    format!("{pipeline}/{}", stage.plugin.name),
-                    stage.breaker_state(),
-                );
+            for stage in stages.current().1.iter() {
+                states.insert(format!("{pipeline}/{}", stage.name), stage.breaker_state());
             }
         }
         for (name, sink) in &self.sinks {

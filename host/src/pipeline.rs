@@ -153,29 +153,25 @@ struct Processed {
     result: ChainResult,
 }
 
-/// One stage of a pipeline as all its workers share it: the plugin, the
-/// stage's circuit breaker and its policy.
+/// One stage of a pipeline as all its workers share it: the plugin slot,
+/// which a reload swaps, and the stage's circuit breaker. The policy on an
+/// open breaker and the retries come from the plugin's current config.
 pub struct Stage {
-    pub plugin: Arc<LoadedPlugin>,
+    /// The plugin's name in the config, which names the stage too.
+    pub name: String,
+    pub slot: Arc<PluginSlot>,
     /// One breaker per stage and pipeline, shared by the workers so that
     /// failures on any worker count. Locked only to ask or record.
     pub breaker: std::sync::Mutex<CircuitBreaker>,
-    pub on_open: OpenPolicy,
-    pub max_retries: usize,
 }
 
 impl Stage {
-    pub fn new(plugin: Arc<LoadedPlugin>) -> Self {
-        let config = plugin.breaker.clone();
-        let breaker = CircuitBreaker::new(
-            config.failure_threshold,
-            Duration::from_millis(config.cool_down_ms),
-        );
+    pub fn new(name: String, slot: Arc<PluginSlot>) -> Self {
+        let breaker = new_breaker(&slot.current().1);
         Self {
-            max_retries: plugin.max_retries,
-            plugin,
+            name,
+            slot,
             breaker: std::sync::Mutex::new(breaker),
-            on_open: config.on_open,
         }
     }
 
@@ -186,13 +182,82 @@ impl Stage {
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker().state()
     }
+
+    /// Starts a closed breaker with the current plugin's settings, after a
+    /// reload: the new version gets a fresh chance.
+    pub fn reset_breaker(&self) {
+        *self.breaker() = new_breaker(&self.slot.current().1);
+    }
+}
+
+fn new_breaker(plugin: &LoadedPlugin) -> CircuitBreaker {
+    CircuitBreaker::new(
+        plugin.breaker.failure_threshold,
+        Duration::from_millis(plugin.breaker.cool_down_ms),
+    )
+}
+
+/// A plugin as every stage that runs it sees it. A reload replaces the
+/// plugin and raises the generation; each worker notices between two
+/// messages and takes a fresh instance of the new version, so a message
+/// never changes version half-way.
+pub struct PluginSlot {
+    current: std::sync::RwLock<(u64, Arc<LoadedPlugin>)>,
+}
+
+impl PluginSlot {
+    pub fn new(plugin: Arc<LoadedPlugin>) -> Self {
+        Self {
+            current: std::sync::RwLock::new((0, plugin)),
+        }
+    }
+
+    /// Returns the generation and the plugin, read together.
+    pub fn current(&self) -> (u64, Arc<LoadedPlugin>) {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    /// Swaps in `plugin` and returns the one it replaces.
+    pub fn replace(&self, plugin: Arc<LoadedPlugin>) -> Arc<LoadedPlugin> {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        current.0 += 1;
+        std::mem::replace(&mut current.1, plugin)
+    }
+}
+
+/// The stages of one pipeline, in order. A config reload replaces the list;
+/// workers notice between two messages, and keep their instances of the
+/// stages that are still in it.
+pub struct StageList {
+    current: std::sync::RwLock<(u64, Arc<[Arc<Stage>]>)>,
+}
+
+impl StageList {
+    pub fn new(stages: Vec<Arc<Stage>>) -> Self {
+        Self {
+            current: std::sync::RwLock::new((0, stages.into())),
+        }
+    }
+
+    /// Returns the generation and the stages, read together.
+    pub fn current(&self) -> (u64, Arc<[Arc<Stage>]>) {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    pub fn replace(&self, stages: Vec<Arc<Stage>>) {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        current.0 += 1;
+        current.1 = stages.into();
+    }
 }
 
 /// The handle the source uses to feed a pipeline.
 pub struct Pipeline {
     pub config: PipelineConfig,
     pub stats: Arc<PipelineStats>,
-    pub stages: Arc<[Stage]>,
+    pub stages: Arc<StageList>,
     workers: Vec<mpsc::Sender<Job>>,
 }
 
@@ -205,18 +270,13 @@ impl Pipeline {
     /// Fails when a worker cannot instantiate a stage.
     pub fn start(
         config: PipelineConfig,
-        plugins: Vec<Arc<LoadedPlugin>>,
+        stages: Arc<StageList>,
         sinks: Vec<Arc<Sink>>,
         dead_letters: Arc<DeadLetterStore>,
         supervisor: Arc<crate::supervisor::Supervisor>,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let stats = Arc::new(PipelineStats::default());
         let (result_tx, result_rx) = mpsc::channel(RESULT_QUEUE);
-        let stages: Arc<[Stage]> = plugins
-            .into_iter()
-            .map(Stage::new)
-            .collect::<Vec<_>>()
-            .into();
 
         let mut workers = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
@@ -347,23 +407,47 @@ pub const FAULT_INJECTION_TOPIC_LEVEL: &str = "eliot-fault-injection-panic";
 #[cfg(feature = "fault-injection")]
 pub const FAULT_INJECTION_SINK_TOPIC_LEVEL: &str = "eliot-fault-injection-sink-panic";
 
-/// The stages as one worker runs them: the shared stages and this worker's
-/// own instance of each.
+/// The stages as one worker runs them: the pipeline's stage list, and this
+/// worker's own instance of each stage's current plugin version.
 pub struct Chain {
     pipeline: String,
-    stages: Arc<[Stage]>,
-    /// `None` after a trap, until the next message creates a fresh one.
-    instances: Vec<Option<StageInstance>>,
+    list: Arc<StageList>,
+    /// Generation of `list` that `stages` follows.
+    list_generation: u64,
+    stages: Vec<WorkerStage>,
     stats: Arc<PipelineStats>,
 }
 
+/// One stage as one worker runs it.
+struct WorkerStage {
+    stage: Arc<Stage>,
+    /// The plugin version this worker runs, and its slot generation.
+    plugin: Arc<LoadedPlugin>,
+    generation: u64,
+    /// `None` after a trap or a reload, until the next message creates one.
+    instance: Option<StageInstance>,
+}
+
+impl WorkerStage {
+    fn new(stage: Arc<Stage>) -> Self {
+        let (generation, plugin) = stage.slot.current();
+        Self {
+            stage,
+            plugin,
+            generation,
+            instance: None,
+        }
+    }
+}
+
 impl Chain {
-    pub fn new(pipeline: String, stages: Arc<[Stage]>, stats: Arc<PipelineStats>) -> Self {
-        let instances = stages.iter().map(|_| None).collect();
+    pub fn new(pipeline: String, list: Arc<StageList>, stats: Arc<PipelineStats>) -> Self {
+        let (list_generation, stages) = list.current();
         Self {
             pipeline,
-            stages,
-            instances,
+            list,
+            list_generation,
+            stages: stages.iter().cloned().map(WorkerStage::new).collect(),
             stats,
         }
     }
@@ -375,15 +459,45 @@ impl Chain {
     ///
     /// The first stage that fails to instantiate.
     pub fn instantiate_all(&mut self) -> Result<(), crate::wasm::LoadError> {
-        for (slot, stage) in self.instances.iter_mut().zip(self.stages.iter()) {
-            *slot = Some(stage.plugin.instantiate()?);
+        for stage in &mut self.stages {
+            stage.instance = Some(stage.plugin.instantiate()?);
         }
         Ok(())
     }
 
     /// Drops every instance; the next message creates fresh ones.
     fn reset(&mut self) {
-        self.instances.iter_mut().for_each(|slot| *slot = None);
+        self.stages
+            .iter_mut()
+            .for_each(|stage| stage.instance = None);
+    }
+
+    /// Follows reloads, between two messages: takes the pipeline's current
+    /// stage list, keeping the instances of stages still in it, and drops
+    /// the instance of every stage whose plugin was swapped.
+    fn follow_reloads(&mut self) {
+        let (generation, list) = self.list.current();
+        if generation != self.list_generation {
+            let mut old = std::mem::take(&mut self.stages);
+            self.stages = list
+                .iter()
+                .map(
+                    |stage| match old.iter().position(|w| Arc::ptr_eq(&w.stage, stage)) {
+                        Some(index) => old.swap_remove(index),
+                        None => WorkerStage::new(stage.clone()),
+                    },
+                )
+                .collect();
+            self.list_generation = generation;
+        }
+        for stage in &mut self.stages {
+            let (generation, plugin) = stage.stage.slot.current();
+            if generation != stage.generation {
+                stage.plugin = plugin;
+                stage.generation = generation;
+                stage.instance = None;
+            }
+        }
     }
 
     /// Runs `message` through every stage in order.
@@ -407,10 +521,10 @@ impl Chain {
                 ),
             };
         }
+        self.follow_reloads();
         let mut current = vec![message];
         let mut processed_by = Vec::with_capacity(self.stages.len());
-        let stages = self.stages.clone();
-        for (index, stage) in stages.iter().enumerate() {
+        for index in 0..self.stages.len() {
             let mut next = Vec::with_capacity(current.len());
             let mut drop_reason = None;
             let mut skipped = false;
@@ -425,7 +539,7 @@ impl Chain {
                     }
                     StageResult::Failed(kind, reason) => {
                         return ChainResult::Failed {
-                            stage: stage.plugin.name.clone(),
+                            stage: self.stages[index].stage.name.clone(),
                             kind,
                             reason,
                         }
@@ -436,16 +550,17 @@ impl Chain {
                 let reason =
                     drop_reason.unwrap_or_else(|| "the stage fanned out to no messages".to_owned());
                 return ChainResult::Dropped {
-                    stage: stage.plugin.name.clone(),
+                    stage: self.stages[index].stage.name.clone(),
                     reason,
                 };
             }
+            let stage = &self.stages[index];
             let version = if skipped {
                 "skipped"
             } else {
                 stage.plugin.info.version.as_str()
             };
-            processed_by.push(format!("{}@{version}", stage.plugin.name));
+            processed_by.push(format!("{}@{version}", stage.stage.name));
             current = next;
         }
         ChainResult::Outputs {
@@ -457,18 +572,18 @@ impl Chain {
     /// Calls one stage through its breaker. A refused call follows the
     /// stage's open policy; an allowed one retries transient errors.
     fn call_stage(&mut self, index: usize, message: &Message) -> StageResult {
-        let stages = self.stages.clone();
-        let stage = &stages[index];
+        let stage = self.stages[index].stage.clone();
+        let on_open = self.stages[index].plugin.breaker.on_open;
         loop {
             let (permit, transition) = stage.breaker().permit(std::time::Instant::now());
             self.report(index, transition);
             match permit {
                 Permit::Allowed | Permit::Trial => break,
-                Permit::Refused { retry_at } => match stage.on_open {
+                Permit::Refused { retry_at } => match on_open {
                     OpenPolicy::DeadLetter => {
                         return StageResult::Failed(
                             FailureKind::CircuitOpen,
-                            format!("circuit breaker of stage \"{}\" is open", stage.plugin.name),
+                            format!("circuit breaker of stage \"{}\" is open", stage.name),
                         )
                     }
                     OpenPolicy::Skip => return StageResult::Skipped,
@@ -501,7 +616,7 @@ impl Chain {
         let Some(Transition { from, to }) = transition else {
             return;
         };
-        let stage = &self.stages[index].plugin.name;
+        let stage = &self.stages[index].stage.name;
         if to == BreakerState::Open {
             stats::add(&self.stats.breaker_opened, 1);
             tracing::warn!(pipeline = %self.pipeline, stage, from = from.as_str(), "stage circuit breaker opened");
@@ -517,10 +632,11 @@ impl Chain {
         index: usize,
         message: &Message,
     ) -> Result<Outcome, (FailureKind, String)> {
-        let stage = &self.stages[index];
+        let stage = &mut self.stages[index];
         let plugin = stage.plugin.clone();
+        let max_retries = plugin.max_retries;
         let pipeline = self.pipeline.clone();
-        let slot = &mut self.instances[index];
+        let slot = &mut stage.instance;
         let attempt = || -> Result<Outcome, (FailureKind, String)> {
             if slot.is_none() {
                 let instance = plugin
@@ -552,7 +668,7 @@ impl Chain {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(10))
             .with_max_delay(Duration::from_millis(500))
-            .with_max_times(stage.max_retries)
+            .with_max_times(max_retries)
             .with_jitter();
         attempt
             .retry(backoff)

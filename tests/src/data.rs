@@ -7,6 +7,7 @@
 //! strings parsed as `f64`. The office payloads omit `device_id`, because the
 //! office sensors' firmware relies on the topic for it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{json, Map, Value};
@@ -78,6 +79,38 @@ pub fn to_publishes(messages: &[DeviceMessage]) -> Vec<(String, Vec<u8>)> {
         .map(|message| (message.topic.clone(), message.payload_bytes()))
         .collect()
 }
+
+/// Returns the first `n` messages of the bundled data, devices interleaved.
+pub fn interleaved_messages(n: usize) -> Vec<DeviceMessage> {
+    let mut devices: BTreeMap<String, std::vec::IntoIter<DeviceMessage>> = BTreeMap::new();
+    for message in expected_messages() {
+        devices.entry(message.device_id.clone()).or_default();
+    }
+    let all = expected_messages();
+    for (device, queue) in &mut devices {
+        *queue = all
+            .iter()
+            .filter(|m| &m.device_id == device)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter();
+    }
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let before = out.len();
+        for queue in devices.values_mut() {
+            if out.len() < n {
+                out.extend(queue.next());
+            }
+        }
+        assert!(
+            out.len() > before,
+            "the bundled data has fewer than {n} rows"
+        );
+    }
+    out
+}
+
 
 /// Returns the messages of buoy-sea-temperature.csv: sensor type
 /// `temperature`, the `time (UTC)` column as the timestamp and

@@ -94,6 +94,44 @@ pub fn build_plugins(packages: &[&str]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Builds the `versioned` test plugin so that it reports `version`, and with
+/// `rejects` so that its `init` rejects every config, and returns its
+/// component, copied to `versioned-{version}.wasm` (or
+/// `versioned-{version}-rejects.wasm`) in the plugin folder of
+/// [`build_examples`]. Each variant is built once per test process.
+///
+/// # Panics
+///
+/// Panics with cargo's error output when the build fails.
+pub fn build_versioned(version: &str, rejects: bool) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<(String, bool), PathBuf>>> = OnceLock::new();
+    // One build at a time: every variant is built to the same artifact path
+    // and copied away before the next build overwrites it.
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(path) = built.get(&(version.to_owned(), rejects)) {
+        return path.clone();
+    }
+
+    ensure_wasm_target();
+    let mut variables = vec![("ELIOT_TEST_PLUGIN_VERSION", version)];
+    if rejects {
+        variables.push(("ELIOT_TEST_PLUGIN_REJECT", "1"));
+    }
+    let artifact = cargo_build_with(&["versioned"], &variables).remove(0);
+    let plugin_dir = plugin_dir_for(&artifact);
+    fs::create_dir_all(&plugin_dir)
+        .unwrap_or_else(|err| panic!("failed to create {}: {err}", plugin_dir.display()));
+    let suffix = if rejects { "-rejects" } else { "" };
+    let destination = plugin_dir.join(format!("versioned-{version}{suffix}.wasm"));
+    copy_atomically(&artifact, &destination)
+        .unwrap_or_else(|err| panic!("failed to copy {}: {err}", artifact.display()));
+    built.insert((version.to_owned(), rejects), destination.clone());
+    destination
+}
+
 /// Builds `packages` with one cargo call and returns the paths of their
 /// copied components, in the order of `packages`.
 fn build_components(packages: &[&str]) -> Vec<PathBuf> {
@@ -149,8 +187,15 @@ fn copy_atomically(source: &Path, destination: &Path) -> std::io::Result<()> {
 
 /// Runs cargo and returns the `.wasm` artifact of each package.
 fn cargo_build(packages: &[&str]) -> Vec<PathBuf> {
+    cargo_build_with(packages, &[])
+}
+
+/// Runs cargo with the environment `variables` set, and returns the `.wasm`
+/// artifact of each package.
+fn cargo_build_with(packages: &[&str], variables: &[(&str, &str)]) -> Vec<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(&cargo);
+    command.envs(variables.iter().copied());
     command
         .current_dir(crate::workspace_root())
         .args(["build", "--release", "--target", WASM_TARGET])

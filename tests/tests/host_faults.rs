@@ -9,44 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use eliot_tests::config::write_example_config;
-use eliot_tests::data::{expected_messages, DeviceMessage};
+use eliot_tests::data::{interleaved_messages as messages, DeviceMessage};
 use eliot_tests::plugins::build_examples;
 use eliot_tests::process::HostProcess;
 use eliot_tests::wait::{read_complete_lines, wait_until};
 use eliot_tests::{dead_letters, publish_all, Mosquitto, QoS};
 
 const ELIOT: &str = env!("CARGO_BIN_EXE_eliot-under-test");
-
-/// Returns the first `n` messages of the bundled data, devices interleaved.
-fn messages(n: usize) -> Vec<DeviceMessage> {
-    let mut devices: BTreeMap<String, std::vec::IntoIter<DeviceMessage>> = BTreeMap::new();
-    for message in expected_messages() {
-        devices.entry(message.device_id.clone()).or_default();
-    }
-    let all = expected_messages();
-    for (device, queue) in &mut devices {
-        *queue = all
-            .iter()
-            .filter(|m| &m.device_id == device)
-            .cloned()
-            .collect::<Vec<_>>()
-            .into_iter();
-    }
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let before = out.len();
-        for queue in devices.values_mut() {
-            if out.len() < n {
-                out.extend(queue.next());
-            }
-        }
-        assert!(
-            out.len() > before,
-            "the bundled data has fewer than {n} rows"
-        );
-    }
-    out
-}
 
 fn publishes(messages: &[DeviceMessage]) -> Vec<(String, Vec<u8>)> {
     messages
@@ -346,7 +315,7 @@ qos = 1
     let published = messages(4_000);
     let (first, second) = published.split_at(2_000);
     let mut received: Vec<serde_json::Value> = Vec::new();
-    let mut count_received = |received: &mut Vec<serde_json::Value>| {
+    let count_received = |received: &mut Vec<serde_json::Value>| {
         received.extend(subscriber.drain().iter().map(|m| m.json()));
         let mut seen: BTreeMap<(String, String), usize> =
             published.iter().map(|m| (key_of_message(m), 0)).collect();

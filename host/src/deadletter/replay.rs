@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _};
 use super::publish::{Publish, Publisher};
 use super::{DeadLetterStore, FailureKind, ListFilter, ReplayFailure, StoredDeadLetter};
 use crate::config::{Config, SinkKind};
-use crate::pipeline::{Chain, ChainResult, Stage};
+use crate::pipeline::{Chain, ChainResult, PluginSlot, Stage, StageList};
 use crate::sink::{FileSink, Record, TopicTemplate};
 use crate::stats::PipelineStats;
 use crate::wasm::{LoadedPlugin, Message, Runtime};
@@ -260,12 +260,16 @@ impl Replayer {
 
         let mut mqtt_users = Vec::new();
         for pipeline in &present {
-            let stages: Arc<[Stage]> = pipeline
-                .stages
-                .iter()
-                .map(|s| Stage::new(plugins[s].clone()))
-                .collect::<Vec<_>>()
-                .into();
+            let stages = Arc::new(StageList::new(
+                pipeline
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        let slot = Arc::new(PluginSlot::new(plugins[s].clone()));
+                        Arc::new(Stage::new(s.clone(), slot))
+                    })
+                    .collect(),
+            ));
             let chain = Chain::new(
                 pipeline.name.clone(),
                 stages,

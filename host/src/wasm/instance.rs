@@ -117,6 +117,15 @@ impl eliot::plugin::host::Host for StoreState {
     }
 }
 
+/// Returns a hash of a component file's bytes.
+pub fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// A compiled, linked plugin whose config its `init` accepted. Cheap to
 /// instantiate again: one per worker, and a fresh one after every trap.
 pub struct LoadedPlugin {
@@ -128,6 +137,9 @@ pub struct LoadedPlugin {
     pub grants: Grants,
     pub max_retries: usize,
     pub counters: PluginCounters,
+    /// Hash of the component file's bytes, to tell a changed file from a
+    /// touched one. Not a security check.
+    pub digest: u64,
     config_json: String,
     pre: PluginPre<StoreState>,
     engine: wasmtime::Engine,
@@ -188,6 +200,7 @@ impl LoadedPlugin {
             grants: config.grants.clone(),
             max_retries: config.max_retries,
             counters: PluginCounters::default(),
+            digest: digest(&bytes),
             config_json: config.config.to_string(),
             pre,
             engine: runtime.engine.clone(),

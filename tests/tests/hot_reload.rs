@@ -1,0 +1,358 @@
+//! Hot reload under load: plugin files replaced and the config edited while
+//! a real Mosquitto carries a steady stream of the bundled readings to the
+//! `eliot` binary. Every test proves exact counts: each published message
+//! is in the file sink exactly once, each device's records keep their
+//! order, and the plugin versions (or stage lists) in the records switch
+//! once per successful reload and never back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use eliot_tests::config::EXAMPLE_PLUGIN_TABLES;
+use eliot_tests::data::{interleaved_messages, to_publishes, DeviceMessage};
+use eliot_tests::plugins::{build_examples, build_versioned};
+use eliot_tests::process::HostProcess;
+use eliot_tests::wait::{read_complete_lines, wait_until};
+use eliot_tests::{publish_all, Mosquitto, QoS};
+use serde_json::Value;
+
+const ELIOT: &str = env!("CARGO_BIN_EXE_eliot-under-test");
+
+/// Messages of one step: a bulk published while the file changes, and a
+/// probe published after the host reported the outcome, which therefore
+/// runs on whatever the reload left in place.
+const BULK: usize = 1_950;
+const PROBE: usize = 50;
+const STEP: usize = BULK + PROBE;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A host with its own plugin folder and config file, which the test
+/// changes while the host runs.
+struct Setup {
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    plugin_dir: PathBuf,
+    config: PathBuf,
+    host: Option<HostProcess>,
+    published: Vec<DeviceMessage>,
+}
+
+impl Setup {
+    /// Copies the example plugins and `versioned` 1.0.0 into a new plugin
+    /// folder, writes a config whose pipeline runs `stages`, and starts the
+    /// host.
+    fn start(client_id: &str, stages: &[&str]) -> Self {
+        let broker = Mosquitto::builder().max_queued_messages(0).start();
+        let examples = build_examples();
+        let dir = tempfile::tempdir().unwrap();
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir(&plugin_dir).unwrap();
+        for file in ["enrich.wasm", "validate_format.wasm", "sanity_filter.wasm"] {
+            std::fs::copy(examples.join(file), plugin_dir.join(file)).unwrap();
+        }
+        std::fs::copy(build_versioned("1.0.0", false), plugin_dir.join("versioned.wasm")).unwrap();
+        let config = dir.path().join("eliot.toml");
+        let mut setup = Self {
+            broker,
+            dir,
+            plugin_dir,
+            config,
+            host: None,
+            published: Vec::new(),
+        };
+        std::fs::write(&setup.config, setup.config_text(client_id, stages, "")).unwrap();
+        let mut host = HostProcess::start(Path::new(ELIOT), &setup.config, &setup.dir.path().join("host.log"));
+        host.wait_for_log("subscribed", WAIT);
+        host.wait_for_log("watching for plugin and config changes", WAIT);
+        setup.host = Some(host);
+        setup
+    }
+
+    /// Returns the config: the example plugins and `versioned`, and one
+    /// pipeline with two workers that runs `stages` into the file sink.
+    /// `extra` goes into the pipeline's table.
+    fn config_text(&self, client_id: &str, stages: &[&str], extra: &str) -> String {
+        let stages = stages.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+        format!(
+            r#"
+[mqtt]
+broker = "{broker}"
+client_id = "{client_id}"
+keep_alive_secs = 5
+
+[runtime]
+plugin_dir = "plugins"
+cache_dir = "cache"
+
+[dead_letters]
+path = "out/dead-letters.sqlite"
+{EXAMPLE_PLUGIN_TABLES}
+[plugins.versioned]
+file = "versioned.wasm"
+
+[pipelines.telemetry]
+topics = ["devices/+/telemetry"]
+workers = 2
+stages = [{stages}]
+sinks = ["file"]
+{extra}
+[sinks.file]
+type = "file"
+path = "out/processed.jsonl"
+"#,
+            broker = self.broker.address(),
+        )
+    }
+
+    fn host(&mut self) -> &mut HostProcess {
+        self.host.as_mut().expect("the host runs")
+    }
+
+    fn output(&self) -> PathBuf {
+        self.dir.path().join("out/processed.jsonl")
+    }
+
+    fn records(&self) -> Vec<Value> {
+        read_complete_lines(self.output()).iter().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    /// Publishes the next `n` readings and returns them.
+    fn next_messages(&mut self, n: usize) -> Vec<DeviceMessage> {
+        let all = interleaved_messages(self.published.len() + n);
+        let next = all[self.published.len()..].to_vec();
+        self.published.extend(next.iter().cloned());
+        next
+    }
+
+    /// Runs one step: publishes a bulk of readings from another thread while
+    /// `change` replaces a file and waits for the host's outcome, then
+    /// publishes a probe and waits until every message so far is written.
+    fn step(&mut self, change: impl FnOnce(&mut Self)) {
+        let bulk = to_publishes(&self.next_messages(BULK));
+        let port = self.broker.port();
+        let publisher = std::thread::spawn(move || publish_all(port, &bulk, QoS::AtLeastOnce));
+        change(self);
+        publisher.join().expect("the publisher thread panicked");
+        let probe = to_publishes(&self.next_messages(PROBE));
+        publish_all(self.broker.port(), &probe, QoS::AtLeastOnce);
+        self.wait_written();
+    }
+
+    fn wait_written(&self) {
+        let expected = self.published.len();
+        wait_until(&format!("{expected} records in the file sink"), WAIT, || {
+            read_complete_lines(self.output()).len() >= expected
+        });
+    }
+
+    /// Stops the host and checks that every published message is in the
+    /// file sink exactly once and in order per device. Returns each device's
+    /// records in file order.
+    fn finish(mut self) -> BTreeMap<String, Vec<Value>> {
+        let status = self.host().terminate(Duration::from_secs(30));
+        assert!(status.success(), "host exited with {status}");
+        let records = self.records();
+        assert_eq!(records.len(), self.published.len(), "one record per published message");
+
+        let mut by_device: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for record in records {
+            let device = record["payload"]["device_id"].as_str().unwrap().to_owned();
+            by_device.entry(device).or_default().push(record);
+        }
+        let mut unique = BTreeSet::new();
+        for message in &self.published {
+            let records = &by_device[&message.device_id];
+            assert!(!records.is_empty());
+            unique.insert((message.device_id.clone(), instant(&message.payload["timestamp"])));
+        }
+        assert_eq!(unique.len(), self.published.len(), "the published readings are distinct");
+        let mut written = BTreeSet::new();
+        for (device, records) in &by_device {
+            let stamps: Vec<_> = records.iter().map(|r| instant(&r["payload"]["timestamp"])).collect();
+            let published: Vec<_> = self
+                .published
+                .iter()
+                .filter(|m| &m.device_id == device)
+                .map(|m| instant(&m.payload["timestamp"]))
+                .collect();
+            assert_eq!(stamps, published, "device {device}: every reading once, in publish order");
+            written.extend(stamps.into_iter().map(|s| (device.clone(), s)));
+        }
+        assert_eq!(written, unique, "no loss and no duplicate");
+        by_device
+    }
+}
+
+fn instant(stamp: &Value) -> time::OffsetDateTime {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::parse(stamp.as_str().unwrap(), &Rfc3339).unwrap()
+}
+
+/// Returns the stage entry of `stage` in a record's `processed_by`.
+fn processed_by(record: &Value, stage: &str) -> Option<String> {
+    record["processed_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|entry| entry.starts_with(&format!("{stage}@")))
+        .map(str::to_owned)
+}
+
+/// Checks that in each device's records the value of `key` only moves
+/// forward through `order`, so that it switched at most once per change
+/// and never back, and that every value in `order` was seen.
+fn assert_switches_forward(by_device: &BTreeMap<String, Vec<Value>>, order: &[String], key: impl Fn(&Value) -> String) {
+    let mut seen = BTreeSet::new();
+    for (device, records) in by_device {
+        let ranks: Vec<usize> = records
+            .iter()
+            .map(|record| {
+                let value = key(record);
+                seen.insert(value.clone());
+                order.iter().position(|o| *o == value).unwrap_or_else(|| panic!("unexpected {value}"))
+            })
+            .collect();
+        assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "device {device} switched back: {ranks:?}");
+    }
+    let expected: BTreeSet<String> = order.iter().cloned().collect();
+    assert_eq!(seen, expected, "every version served some records");
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into
+/// place, as a deployment tool does.
+fn replace_atomically(path: &Path, bytes: &[u8]) {
+    let temporary = path.with_extension("part");
+    std::fs::write(&temporary, bytes).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+#[test]
+fn plugin_replaced_five_times_under_load() {
+    let mut setup = Setup::start("eliot-reload-plugin", &["enrich", "validate-format", "versioned"]);
+    let target = setup.plugin_dir.join("versioned.wasm");
+
+    // Version 1.0.0 serves the first step alone.
+    let first = to_publishes(&setup.next_messages(STEP));
+    publish_all(setup.broker.port(), &first, QoS::AtLeastOnce);
+    setup.wait_written();
+
+    // 1: version 2.0.0, renamed into place.
+    let v2 = std::fs::read(build_versioned("2.0.0", false)).unwrap();
+    setup.step(|s| {
+        replace_atomically(&target, &v2);
+        s.host().wait_for_log_count("reload applied", 1, WAIT);
+    });
+
+    // 2: a file that is not Wasm, written in place.
+    setup.step(|s| {
+        std::fs::write(&target, b"this is not a WebAssembly component").unwrap();
+        s.host().wait_for_log_count("reload rolled back", 1, WAIT);
+    });
+    let log = setup.host().log();
+    assert!(log.contains(&target.display().to_string()), "the log names the file:\n{log}");
+    assert!(log.contains("is not a valid Wasm component"), "the log names the reason:\n{log}");
+
+    // 3: a build whose init rejects the config it is given.
+    let rejects = std::fs::read(build_versioned("2.5.0", true)).unwrap();
+    setup.step(|s| {
+        replace_atomically(&target, &rejects);
+        s.host().wait_for_log("init rejected its config", WAIT);
+    });
+    let log = setup.host().log();
+    assert!(log.contains("version 2.5.0 of this test plugin rejects every config"), "log:\n{log}");
+
+    // 4: version 3.0.0, copied in two chunks with a pause between them.
+    let v3 = std::fs::read(build_versioned("3.0.0", false)).unwrap();
+    setup.step(|s| {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&target).unwrap();
+        file.write_all(&v3[..v3.len() / 2]).unwrap();
+        file.sync_all().unwrap();
+        // The host sees a half-written file and waits for the rest; the
+        // first such line came from the file that was not Wasm.
+        s.host().wait_for_log_count("does not load yet and was just written", 2, WAIT);
+        file.write_all(&v3[v3.len() / 2..]).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        s.host().wait_for_log_count("reload applied", 2, WAIT);
+    });
+
+    // 5: version 4.0.0, copied over the running file.
+    let v4 = build_versioned("4.0.0", false);
+    setup.step(|s| {
+        std::fs::copy(&v4, &target).unwrap();
+        s.host().wait_for_log_count("reload applied", 3, WAIT);
+    });
+
+    let log = setup.host().log();
+    for line in log.lines().filter(|l| l.contains("reload") || l.contains("does not load yet")) {
+        println!("{line}");
+    }
+    assert_eq!(log.matches("reload applied").count(), 3, "three successful swaps:\n{log}");
+    assert!(log.matches("reload rolled back").count() >= 2, "two failed reloads at least:\n{log}");
+    for version in ["2.0.0", "3.0.0", "4.0.0"] {
+        assert!(log.contains(&format!("is now version {version}")), "log:\n{log}");
+    }
+    assert_eq!(setup.published.len(), 6 * STEP);
+    let by_device = setup.finish();
+    let order: Vec<String> = ["1.0.0", "2.0.0", "3.0.0", "4.0.0"].iter().map(|v| format!("versioned@{v}")).collect();
+    assert_switches_forward(&by_device, &order, |record| processed_by(record, "versioned").unwrap());
+}
+
+#[test]
+fn stages_reordered_and_removed_through_the_config_under_load() {
+    let client_id = "eliot-reload-config";
+    let mut setup = Setup::start(client_id, &["enrich", "validate-format", "versioned"]);
+
+    let first = to_publishes(&setup.next_messages(STEP));
+    publish_all(setup.broker.port(), &first, QoS::AtLeastOnce);
+    setup.wait_written();
+
+    // Reorder two stages, the new file renamed into place.
+    let reordered = setup.config_text(client_id, &["enrich", "versioned", "validate-format"], "");
+    let config = setup.config.clone();
+    setup.step(|s| {
+        replace_atomically(&config, reordered.as_bytes());
+        s.host().wait_for_log_count("reload applied", 1, WAIT);
+    });
+
+    // A key that does not exist: rolled back, the reordered chain serves on.
+    let broken = setup.config_text(client_id, &["enrich", "validate-format"], "stagez = []");
+    setup.step(|s| {
+        std::fs::write(&config, broken.as_bytes()).unwrap();
+        s.host().wait_for_log_count("reload rolled back", 1, WAIT);
+    });
+    let log = setup.host().log();
+    assert!(log.contains(&config.display().to_string()), "the log names the file:\n{log}");
+    assert!(log.contains("pipelines.telemetry.stagez"), "the log names the key:\n{log}");
+
+    // Remove a stage, the file written in place.
+    let removed = setup.config_text(client_id, &["enrich", "validate-format"], "");
+    setup.step(|s| {
+        std::fs::write(&config, removed.as_bytes()).unwrap();
+        s.host().wait_for_log_count("reload applied", 2, WAIT);
+    });
+
+    for line in setup.host().log().lines().filter(|l| l.contains("reload")) {
+        println!("{line}");
+    }
+    let by_device = setup.finish();
+    let chain = |record: &Value| {
+        record["processed_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry.as_str().unwrap().split('@').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let order: Vec<String> =
+        ["enrich,validate-format,versioned", "enrich,versioned,validate-format", "enrich,validate-format"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+    assert_switches_forward(&by_device, &order, chain);
+}
