@@ -209,7 +209,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         reason = escalation.wait_for(Option::is_some) => reason.ok().and_then(|r| r.clone()),
         () = log_counts_periodically(&host) => None,
     };
-    let stats = host.stats.clone();
+    let stats = host.stats();
     host.shutdown(Duration::from_secs(30)).await;
     log_counts(&stats);
     match escalated {
@@ -230,7 +230,7 @@ async fn log_counts_periodically(host: &Host) {
         interval.tick().await;
         let now = host.snapshot();
         if now != last {
-            log_counts(&host.stats);
+            log_counts(&host.stats());
             last = now;
         }
     }
@@ -362,7 +362,7 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
         if replay.as_ref().is_some_and(|task| task.is_finished()) {
             published = Some(replay.take().expect("checked above").await??);
         }
-        log_counts(&host.stats);
+        log_counts(&host.stats());
         let snapshot = host.snapshot();
         let finished: u64 = snapshot
             .values()

@@ -482,7 +482,8 @@ impl Validator<'_> {
         fix: impl Into<String>,
     ) {
         self.errors.push(ConfigError {
-            file: self.file.to_owned(),
+            // Absolute, so that the watcher finds the file from any folder.
+            file: std::path::absolute(self.file).unwrap_or_else(|_| self.file.to_owned()),
             key: key.into(),
             problem: problem.into(),
             fix: fix.into(),
@@ -757,7 +758,8 @@ impl Validator<'_> {
             return Err(ConfigErrors(self.errors));
         }
         Ok(Config {
-            file: self.file.to_owned(),
+            // Absolute, so that the watcher finds the file from any folder.
+            file: std::path::absolute(self.file).unwrap_or_else(|_| self.file.to_owned()),
             mqtt: raw.mqtt,
             embedded_broker: raw.embedded_broker,
             plugin_dir,

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, SinkKind};
 use crate::deadletter::DeadLetterStore;
-use crate::pipeline::{Pipeline, PluginSlot, Stage, StageList};
+use crate::pipeline::{PipelineLauncher, PipelineSet, PluginSlot};
 use crate::sink::{FileSink, MqttSink, Sink, SinkTarget};
 use crate::source::{self, SourceOptions};
 use crate::stats::{PipelineStats, StatsSnapshot};
@@ -24,17 +24,16 @@ use crate::wasm::{LoadedPlugin, Runtime};
 pub struct Host {
     /// Address of the broker the host is connected to.
     pub broker: SocketAddr,
-    pub stats: BTreeMap<String, Arc<PipelineStats>>,
     pub supervisor: Arc<Supervisor>,
-    /// Every pipeline's stages, for their breaker states.
-    pub stages: BTreeMap<String, Arc<StageList>>,
-    /// Applies changed plugin files and config; see [`Host::watch`].
+    /// Applies changed plugin files and config; see
+    /// [`Reloader::watch`](crate::reload::Reloader::watch).
     pub reloader: Arc<crate::reload::Reloader>,
+    pub pipelines: Arc<PipelineSet>,
+    launcher: Arc<PipelineLauncher>,
     pub sinks: BTreeMap<String, Arc<Sink>>,
     shutdown: watch::Sender<bool>,
     connected: watch::Receiver<bool>,
     source: JoinHandle<()>,
-    sink_tasks: Vec<JoinHandle<()>>,
     // Kept alive for the epoch ticker and the compiled components.
     _runtime: Arc<Runtime>,
 }
@@ -121,40 +120,21 @@ impl Host {
 
         // NOTE: a fixed restart intensity; it is not configurable yet.
         let supervisor = Arc::new(Supervisor::new(10, Duration::from_secs(60)));
+        let launcher = Arc::new(PipelineLauncher {
+            sinks: sinks.clone(),
+            dead_letters: dead_letters.clone(),
+            supervisor: supervisor.clone(),
+            sink_tasks: std::sync::Mutex::new(Vec::new()),
+        });
         let mut pipelines = Vec::new();
-        let mut sink_tasks = Vec::new();
-        let mut stats = BTreeMap::new();
-        let mut stage_map = BTreeMap::new();
         for pipeline in config.pipelines.values() {
-            let stages = Arc::new(StageList::new(
-                pipeline
-                    .stages
-                    .iter()
-                    .map(|s| Arc::new(Stage::new(s.clone(), plugins[s].clone())))
-                    .collect(),
-            ));
-            let pipeline_sinks = pipeline.sinks.iter().map(|s| sinks[s].clone()).collect();
-            let (running, task) = Pipeline::start(
-                pipeline.clone(),
-                stages,
-                pipeline_sinks,
-                dead_letters.clone(),
-                supervisor.clone(),
-            )
-            .with_context(|| format!("pipeline \"{}\"", pipeline.name))?;
-            stats.insert(pipeline.name.clone(), running.stats.clone());
-            stage_map.insert(pipeline.name.clone(), running.stages.clone());
-            pipelines.push(running);
-            sink_tasks.push(task);
-            tracing::info!(
-                pipeline = %pipeline.name,
-                topics = ?pipeline.topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
-                stages = ?pipeline.stages,
-                sinks = ?pipeline.sinks,
-                workers = pipeline.workers,
-                "pipeline started"
+            pipelines.push(
+                launcher
+                    .start(pipeline, &plugins)
+                    .with_context(|| format!("pipeline \"{}\"", pipeline.name))?,
             );
         }
+        let pipelines = PipelineSet::new(pipelines);
 
         let options = SourceOptions {
             host: broker.ip().to_string(),
@@ -180,7 +160,7 @@ impl Host {
             (client, eventloop),
             client_tx,
             SourceShared {
-                pipelines: Arc::new(pipelines),
+                pipelines: pipelines.clone(),
                 ack_queue,
                 shutdown: shutdown_rx,
                 connected: connected_tx,
@@ -194,19 +174,19 @@ impl Host {
             runtime.clone(),
             config_for_reload,
             plugins,
-            stage_map.clone(),
+            pipelines.clone(),
+            launcher.clone(),
         ));
         Ok(Self {
             broker,
-            stats,
             supervisor,
             reloader,
-            stages: stage_map,
+            pipelines,
+            launcher,
             sinks,
             shutdown,
             connected,
             source,
-            sink_tasks,
             _runtime: runtime,
         })
     }
@@ -222,9 +202,12 @@ impl Host {
     /// (`sink:NAME`).
     pub fn breaker_states(&self) -> BTreeMap<String, crate::breaker::BreakerState> {
         let mut states = BTreeMap::new();
-        for (pipeline, stages) in &self.stages {
-            for stage in stages.current().1.iter() {
-                states.insert(format!("{pipeline}/{}", stage.name), stage.breaker_state());
+        for pipeline in self.pipelines.current().iter() {
+            for stage in pipeline.stages.current().1.iter() {
+                states.insert(
+                    format!("{}/{}", pipeline.config.name, stage.name),
+                    stage.breaker_state(),
+                );
             }
         }
         for (name, sink) in &self.sinks {
@@ -233,9 +216,18 @@ impl Host {
         states
     }
 
-    /// Counters of every pipeline.
+    /// Counters of every running pipeline.
+    pub fn stats(&self) -> BTreeMap<String, Arc<PipelineStats>> {
+        self.pipelines
+            .current()
+            .iter()
+            .map(|pipeline| (pipeline.config.name.clone(), pipeline.stats.clone()))
+            .collect()
+    }
+
+    /// Counters of every running pipeline, read now.
     pub fn snapshot(&self) -> BTreeMap<String, StatsSnapshot> {
-        self.stats
+        self.stats()
             .iter()
             .map(|(name, stats)| (name.clone(), stats.snapshot()))
             .collect()
@@ -250,7 +242,7 @@ impl Host {
             // The source drains: it releases the pipelines, waits for the
             // acker, and disconnects. The sink tasks have ended by then.
             let _ = self.source.await;
-            for task in self.sink_tasks {
+            for task in self.launcher.take_sink_tasks() {
                 let _ = task.await;
             }
         };
@@ -266,7 +258,7 @@ impl Host {
 /// What the source task shares with the rest of the host, and keeps over a
 /// restart.
 struct SourceShared {
-    pipelines: Arc<Vec<Pipeline>>,
+    pipelines: Arc<PipelineSet>,
     ack_queue: Arc<crate::pipeline::AckQueue>,
     shutdown: watch::Receiver<bool>,
     connected: watch::Sender<bool>,
@@ -302,7 +294,7 @@ async fn supervise_source(
             Ok(finished) => {
                 source::drain(
                     finished,
-                    shared.pipelines,
+                    &shared.pipelines,
                     shared.ack_queue,
                     acker,
                     &shared.connected,

@@ -253,6 +253,117 @@ impl StageList {
     }
 }
 
+/// The running pipelines. A config reload can add and remove pipelines; the
+/// source routes each message to the set it reads at that moment, and
+/// subscribes and unsubscribes when the set changes.
+pub struct PipelineSet {
+    current: std::sync::RwLock<Arc<Vec<Arc<Pipeline>>>>,
+    /// Raised on every change, for the source to follow the filters.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Set once the host drains; no pipeline can be added after that.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl PipelineSet {
+    pub fn new(pipelines: Vec<Arc<Pipeline>>) -> Arc<Self> {
+        Arc::new(Self {
+            current: std::sync::RwLock::new(Arc::new(pipelines)),
+            changes: tokio::sync::watch::channel(0).0,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Vec<Arc<Pipeline>>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the pipelines. A pipeline left out ends once the messages it
+    /// holds are written: the last handle of its worker queues goes with
+    /// the last message routed to it. Returns `false`, changing nothing,
+    /// once the host drains.
+    pub fn replace(&self, pipelines: Vec<Arc<Pipeline>>) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        *current = Arc::new(pipelines);
+        self.changes.send_modify(|generation| *generation += 1);
+        true
+    }
+
+    /// Drops every pipeline for good, so that they drain.
+    pub fn close(&self) {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::Release);
+        *current = Arc::new(Vec::new());
+    }
+
+    /// Resolves whenever the set changes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// What it takes to start a pipeline, at start and on a reload that adds
+/// one: the sinks, the dead-letter store, the supervisor, and where the sink
+/// tasks are kept for the shutdown to wait on.
+pub struct PipelineLauncher {
+    pub sinks: std::collections::BTreeMap<String, Arc<Sink>>,
+    pub dead_letters: Arc<DeadLetterStore>,
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
+    pub sink_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl PipelineLauncher {
+    /// Starts `config` with the plugins in `slots`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when a worker cannot instantiate a stage.
+    pub fn start(
+        &self,
+        config: &PipelineConfig,
+        slots: &std::collections::BTreeMap<String, Arc<PluginSlot>>,
+    ) -> anyhow::Result<Arc<Pipeline>> {
+        let stages = Arc::new(StageList::new(
+            config
+                .stages
+                .iter()
+                .map(|name| Arc::new(Stage::new(name.clone(), slots[name].clone())))
+                .collect(),
+        ));
+        let sinks = config.sinks.iter().map(|s| self.sinks[s].clone()).collect();
+        let (pipeline, task) = Pipeline::start(
+            config.clone(),
+            stages,
+            sinks,
+            self.dead_letters.clone(),
+            self.supervisor.clone(),
+        )?;
+        self.sink_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        tracing::info!(
+            pipeline = %config.name,
+            topics = ?config.topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            stages = ?config.stages,
+            sinks = ?config.sinks,
+            workers = config.workers,
+            "pipeline started"
+        );
+        Ok(Arc::new(pipeline))
+    }
+
+    /// Takes the sink tasks started so far.
+    pub fn take_sink_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut *self.sink_tasks.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The handle the source uses to feed a pipeline.
 pub struct Pipeline {
     pub config: PipelineConfig,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, PluginConfig};
-use crate::pipeline::{PluginSlot, Stage, StageList};
+use crate::pipeline::{PipelineLauncher, PipelineSet, PluginSlot, Stage};
 use crate::wasm::{LoadError, LoadedPlugin, Runtime};
 
 /// Quiet time after the last file event before a change is handled. Editors
@@ -61,9 +61,8 @@ pub struct Reloader {
     runtime: Arc<Runtime>,
     /// One reload at a time, so that two changes never interleave.
     state: tokio::sync::Mutex<State>,
-    /// Every pipeline's stage list. Pipelines are fixed for the life of the
-    /// host: adding or removing one needs a restart.
-    lists: BTreeMap<String, Arc<StageList>>,
+    pipelines: Arc<PipelineSet>,
+    launcher: Arc<PipelineLauncher>,
     pub stats: ReloadStats,
 }
 
@@ -77,12 +76,14 @@ impl Reloader {
         runtime: Arc<Runtime>,
         config: Config,
         slots: BTreeMap<String, Arc<PluginSlot>>,
-        lists: BTreeMap<String, Arc<StageList>>,
+        pipelines: Arc<PipelineSet>,
+        launcher: Arc<PipelineLauncher>,
     ) -> Self {
         Self {
             runtime,
             state: tokio::sync::Mutex::new(State { config, slots }),
-            lists,
+            pipelines,
+            launcher,
             stats: ReloadStats::default(),
         }
     }
@@ -196,8 +197,25 @@ impl Reloader {
         let restaged: Vec<&String> = new
             .pipelines
             .iter()
-            .filter(|(name, pipeline)| state.config.pipelines[*name].stages != pipeline.stages)
+            .filter(|(name, pipeline)| {
+                state
+                    .config
+                    .pipelines
+                    .get(*name)
+                    .is_some_and(|old| old.stages != pipeline.stages)
+            })
             .map(|(name, _)| name)
+            .collect();
+        let added: Vec<&String> = new
+            .pipelines
+            .keys()
+            .filter(|name| !state.config.pipelines.contains_key(*name))
+            .collect();
+        let dropped: Vec<&String> = state
+            .config
+            .pipelines
+            .keys()
+            .filter(|name| !new.pipelines.contains_key(*name))
             .collect();
         let removed: Vec<String> = state
             .config
@@ -206,7 +224,12 @@ impl Reloader {
             .filter(|name| !new.plugins.contains_key(*name))
             .cloned()
             .collect();
-        if loaded.is_empty() && restaged.is_empty() && removed.is_empty() {
+        if loaded.is_empty()
+            && restaged.is_empty()
+            && removed.is_empty()
+            && added.is_empty()
+            && dropped.is_empty()
+        {
             state.config = new;
             return Outcome::Unchanged;
         }
@@ -227,14 +250,19 @@ impl Reloader {
                 }
             }
         }
+        let running = self.pipelines.current();
         for pipeline in &restaged {
-            let list = &self.lists[*pipeline];
-            let running = list.current().1;
+            let list = &running
+                .iter()
+                .find(|p| &p.config.name == *pipeline)
+                .expect("a restaged pipeline runs")
+                .stages;
+            let stages_now = list.current().1;
             let stages = new.pipelines[*pipeline]
                 .stages
                 .iter()
                 .map(|name| {
-                    running
+                    stages_now
                         .iter()
                         .find(|stage| &stage.name == name)
                         .cloned()
@@ -248,6 +276,42 @@ impl Reloader {
                 "pipeline \"{pipeline}\" now runs {:?}",
                 new.pipelines[*pipeline].stages
             ));
+        }
+        if !added.is_empty() || !dropped.is_empty() {
+            let mut next: Vec<Arc<crate::pipeline::Pipeline>> = running
+                .iter()
+                .filter(|p| !dropped.contains(&&p.config.name))
+                .cloned()
+                .collect();
+            for name in &added {
+                match self.launcher.start(&new.pipelines[*name], &state.slots) {
+                    Ok(pipeline) => next.push(pipeline),
+                    Err(e) => {
+                        // NOTE: the plugins were swapped already; only the
+                        // pipeline set stays as it was.
+                        return Outcome::RolledBack {
+                            file,
+                            key: format!("pipelines.{name}"),
+                            reason: format!("{e:#}"),
+                        };
+                    }
+                }
+            }
+            if !self.pipelines.replace(next) {
+                return Outcome::RolledBack {
+                    file,
+                    key: "pipelines".to_owned(),
+                    reason: "the host is shutting down".to_owned(),
+                };
+            }
+            for name in &added {
+                summary.push(format!("pipeline \"{name}\" added"));
+            }
+            for name in &dropped {
+                summary.push(format!(
+                    "pipeline \"{name}\" removed; it finishes the messages it holds"
+                ));
+            }
         }
         for name in removed {
             state.slots.remove(&name);
@@ -274,8 +338,8 @@ impl Reloader {
     }
 
     fn reset_breakers(&self, slot: &Arc<PluginSlot>) {
-        for list in self.lists.values() {
-            for stage in list.current().1.iter() {
+        for pipeline in self.pipelines.current().iter() {
+            for stage in pipeline.stages.current().1.iter() {
                 if Arc::ptr_eq(&stage.slot, slot) {
                     stage.reset_breaker();
                 }
@@ -458,9 +522,10 @@ fn needs_restart(old: &Config, new: &Config) -> Option<(String, String)> {
     if old.sinks != new.sinks {
         return restart("sinks");
     }
-    for name in old.pipelines.keys().chain(new.pipelines.keys()) {
-        let (Some(before), Some(after)) = (old.pipelines.get(name), new.pipelines.get(name)) else {
-            return restart(&format!("pipelines.{name}"));
+    for (name, before) in &old.pipelines {
+        // A pipeline added or removed applies live.
+        let Some(after) = new.pipelines.get(name) else {
+            continue;
         };
         let filters = |p: &crate::config::PipelineConfig| {
             p.topics
@@ -557,7 +622,7 @@ path = "out/processed.jsonl"
     }
 
     #[test]
-    fn stage_changes_apply_live() {
+    fn stage_and_pipeline_changes_apply_live() {
         let reordered =
             |text: &str| text.replace(r#"["enrich", "filter"]"#, r#"["filter", "enrich"]"#);
         let removed = |text: &str| text.replace(r#"["enrich", "filter"]"#, r#"["enrich"]"#);
@@ -568,15 +633,20 @@ path = "out/processed.jsonl"
             )
         };
 
+        let pipeline_added = |text: &str| {
+            format!("{text}\n[pipelines.extra]\ntopics = [\"x/#\"]\nstages = [\"enrich\"]\nsinks = [\"file\"]\n")
+        };
+
         assert_eq!(restart_key(reordered), None);
         assert_eq!(restart_key(removed), None);
         assert_eq!(restart_key(plugin_config), None);
+        assert_eq!(restart_key(pipeline_added), None);
     }
 
     #[test]
     fn connection_and_routing_changes_need_restart() {
         type Edit = fn(&str) -> String;
-        let cases: [(&str, Edit); 5] = [
+        let cases: [(&str, Edit); 4] = [
             ("mqtt", |t| {
                 t.replace("client_id = \"eliot\"", "client_id = \"other\"")
             }),
@@ -588,9 +658,6 @@ path = "out/processed.jsonl"
             }),
             ("pipelines.telemetry.workers", |t| {
                 t.replace("sinks = [\"file\"]", "sinks = [\"file\"]\nworkers = 4")
-            }),
-            ("pipelines.extra", |t| {
-                format!("{t}\n[pipelines.extra]\ntopics = [\"x/#\"]\nstages = [\"enrich\"]\nsinks = [\"file\"]\n")
             }),
         ];
         for (key, edit) in cases {

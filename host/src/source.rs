@@ -2,7 +2,7 @@
 //! filters, routes each message to the pipelines whose filters match, and
 //! acknowledges it once they are all done.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 
-use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline};
+use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline, PipelineSet};
 use crate::wasm::{Message, Qos};
 
 /// Reconnect delays: exponential from 100 ms to 10 s, with jitter so that a
@@ -88,7 +88,7 @@ pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
 pub async fn run(
     client: AsyncClient,
     mut eventloop: EventLoop,
-    pipelines: &[Pipeline],
+    set: &PipelineSet,
     ack_queue: &Arc<AckQueue>,
     mut shutdown: watch::Receiver<bool>,
     connected: &watch::Sender<bool>,
@@ -102,30 +102,43 @@ pub async fn run(
     // and then the source stops reading until the workers catch up.
     let mut pending: VecDeque<Routed> = VecDeque::new();
     let mut awaiting_subacks = 0usize;
+    let mut changes = set.changes();
+    // Filters subscribed on this connection, with their QoS.
+    let mut subscribed: Subscriptions = BTreeMap::new();
+    let mut filters_changed = false;
     loop {
+        if std::mem::take(&mut filters_changed) {
+            let pipelines = set.current();
+            follow_filters(&client, &pipelines, &mut subscribed).await;
+        }
         // Hand over what the workers have room for, oldest first.
         while let Some(routed) = pending.pop_front() {
-            if let Err(job) = pipelines[routed.pipeline].try_dispatch(routed.worker, routed.job) {
+            if let Err(job) = routed.pipeline.try_dispatch(routed.worker, routed.job) {
                 pending.push_front(Routed { job, ..routed });
                 break;
             }
         }
-        let blocked = pending.front().map(|r| (r.pipeline, r.worker));
+        let blocked = pending.front().map(|r| (r.pipeline.clone(), r.worker));
 
         let event = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => break,
             () = async {
-                match blocked {
-                    Some((pipeline, worker)) => pipelines[pipeline].ready(worker).await,
+                match &blocked {
+                    Some((pipeline, worker)) => pipeline.ready(*worker).await,
                     None => std::future::pending().await,
                 }
             } => continue,
+            changed = changes.changed() => {
+                filters_changed = changed.is_ok();
+                continue;
+            }
             event = eventloop.poll(), if pending.len() < MAX_PENDING => event,
         };
+        let pipelines = set.current();
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 route(
-                    pipelines,
+                    &pipelines,
                     publish,
                     ack_queue,
                     max_payload_bytes,
@@ -145,7 +158,8 @@ pub async fn run(
                 // its queued messages. Ready only once the broker confirmed
                 // every filter, because what is published before that
                 // reaches no subscriber.
-                awaiting_subacks = subscribe(&client, pipelines).await;
+                subscribed.clear();
+                awaiting_subacks = follow_filters(&client, &pipelines, &mut subscribed).await;
                 if awaiting_subacks == 0 {
                     connected.send_replace(true);
                 }
@@ -197,12 +211,12 @@ pub async fn run(
 /// session.
 pub async fn drain(
     (client, mut eventloop): (AsyncClient, EventLoop),
-    pipelines: Arc<Vec<Pipeline>>,
+    set: &PipelineSet,
     ack_queue: Arc<AckQueue>,
     mut acker: tokio::task::JoinHandle<()>,
     connected: &watch::Sender<bool>,
 ) {
-    drop(pipelines);
+    set.close();
     drop(ack_queue);
     loop {
         tokio::select! {
@@ -224,22 +238,51 @@ pub async fn drain(
     connected.send_replace(false);
 }
 
-/// Subscribes every pipeline's filters, one request each, and returns how
-/// many requests were queued.
-async fn subscribe(client: &AsyncClient, pipelines: &[Pipeline]) -> usize {
-    let mut queued = 0;
+/// Filters subscribed on the current connection, with their QoS.
+type Subscriptions = BTreeMap<String, QoS>;
+
+/// Subscribes every filter of `pipelines` that is not in `subscribed` (or
+/// whose QoS changed), and unsubscribes every filter no pipeline has any
+/// more, one request each. Returns how many subscribe requests were queued.
+async fn follow_filters(
+    client: &AsyncClient,
+    pipelines: &[Arc<Pipeline>],
+    subscribed: &mut Subscriptions,
+) -> usize {
+    let mut wanted = Subscriptions::new();
     for pipeline in pipelines {
         for filter in &pipeline.config.topics {
-            // The request only fails once the event loop is gone, and then
-            // the next ConnAck subscribes again.
-            match client.subscribe(filter.as_str(), pipeline.config.qos).await {
-                Ok(()) => queued += 1,
-                Err(e) => {
-                    tracing::error!(pipeline = %pipeline.config.name, filter = %filter, error = %e, "subscribe request failed")
-                }
+            // Two pipelines on one filter: the higher QoS serves both.
+            let qos = wanted
+                .entry(filter.as_str().to_owned())
+                .or_insert(QoS::AtMostOnce);
+            if pipeline.config.qos > *qos {
+                *qos = pipeline.config.qos;
             }
         }
     }
+    let mut queued = 0;
+    for (filter, qos) in &wanted {
+        if subscribed.get(filter) == Some(qos) {
+            continue;
+        }
+        // The request only fails once the event loop is gone, and then the
+        // next ConnAck subscribes again.
+        match client.subscribe(filter.as_str(), *qos).await {
+            Ok(()) => queued += 1,
+            Err(e) => tracing::error!(filter, error = %e, "subscribe request failed"),
+        }
+    }
+    for filter in subscribed.keys().filter(|f| !wanted.contains_key(*f)) {
+        match client.unsubscribe(filter.as_str()).await {
+            Ok(()) => tracing::info!(
+                filter,
+                "unsubscribed: no pipeline reads this filter any more"
+            ),
+            Err(e) => tracing::error!(filter, error = %e, "unsubscribe request failed"),
+        }
+    }
+    *subscribed = wanted;
     queued
 }
 
@@ -248,7 +291,7 @@ const MAX_PENDING: usize = 1000;
 
 /// A message bound for one worker of one pipeline.
 struct Routed {
-    pipeline: usize,
+    pipeline: Arc<Pipeline>,
     worker: usize,
     job: Job,
 }
@@ -256,7 +299,7 @@ struct Routed {
 /// Routes one message to every pipeline with a matching filter, appending
 /// one job per pipeline to `pending`.
 fn route(
-    pipelines: &[Pipeline],
+    pipelines: &[Arc<Pipeline>],
     publish: rumqttc::Publish,
     acks: &Arc<AckQueue>,
     max_payload_bytes: usize,
@@ -266,11 +309,9 @@ fn route(
     if publish.topic.contains(FAULT_INJECTION_SOURCE_TOPIC_LEVEL) && inject_once(&SOURCE_FAULT) {
         panic!("fault injected in the source for topic {}", publish.topic);
     }
-    let matching: Vec<usize> = pipelines
+    let matching: Vec<&Arc<Pipeline>> = pipelines
         .iter()
-        .enumerate()
-        .filter(|(_, p)| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
-        .map(|(index, _)| index)
+        .filter(|p| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
         .collect();
     let ack = AckHandle::new(publish.clone(), matching.len().max(1), acks);
     if matching.is_empty() {
@@ -303,10 +344,10 @@ fn route(
     // NOTE: the device key is the topic, which is one device per topic in the
     // usual devices/{id}/... layout; keys taken from the payload are not
     // supported yet.
-    for index in matching {
-        let worker = pipelines[index].worker_for(&publish.topic);
+    for pipeline in matching {
+        let worker = pipeline.worker_for(&publish.topic);
         pending.push_back(Routed {
-            pipeline: index,
+            pipeline: pipeline.clone(),
             worker,
             job: Job {
                 message: message.clone(),

@@ -161,12 +161,11 @@ path = "out/processed.jsonl"
             let device = record["payload"]["device_id"].as_str().unwrap().to_owned();
             by_device.entry(device).or_default().push(record);
         }
-        let mut unique = BTreeSet::new();
-        for message in &self.published {
-            let records = &by_device[&message.device_id];
-            assert!(!records.is_empty());
-            unique.insert((message.device_id.clone(), instant(&message.payload["timestamp"])));
-        }
+        let unique: BTreeSet<(String, time::OffsetDateTime)> = self
+            .published
+            .iter()
+            .map(|m| (m.device_id.clone(), instant(&m.payload["timestamp"])))
+            .collect();
         assert_eq!(unique.len(), self.published.len(), "the published readings are distinct");
         let mut written = BTreeSet::new();
         for (device, records) in &by_device {
@@ -230,7 +229,7 @@ fn replace_atomically(path: &Path, bytes: &[u8]) {
 }
 
 #[test]
-fn plugin_replaced_five_times_under_load() {
+fn plugin_swapped_five_times() {
     let mut setup = Setup::start("eliot-reload-plugin", &["enrich", "validate-format", "versioned"]);
     let target = setup.plugin_dir.join("versioned.wasm");
 
@@ -271,7 +270,7 @@ fn plugin_replaced_five_times_under_load() {
         let mut file = std::fs::File::create(&target).unwrap();
         file.write_all(&v3[..v3.len() / 2]).unwrap();
         file.sync_all().unwrap();
-        // The host sees a half-written file and waits for the rest; the
+        // The host finds a half-written file and waits for the rest; the
         // first such line came from the file that was not Wasm.
         s.host().wait_for_log_count("does not load yet and was just written", 2, WAIT);
         file.write_all(&v3[v3.len() / 2..]).unwrap();
@@ -303,7 +302,7 @@ fn plugin_replaced_five_times_under_load() {
 }
 
 #[test]
-fn stages_reordered_and_removed_through_the_config_under_load() {
+fn stages_reordered_and_removed() {
     let client_id = "eliot-reload-config";
     let mut setup = Setup::start(client_id, &["enrich", "validate-format", "versioned"]);
 
@@ -355,4 +354,71 @@ fn stages_reordered_and_removed_through_the_config_under_load() {
             .map(|s| (*s).to_owned())
             .collect();
     assert_switches_forward(&by_device, &order, chain);
+}
+
+#[test]
+fn pipeline_added_and_removed() {
+    let client_id = "eliot-reload-pipelines";
+    let mut setup = Setup::start(client_id, &["enrich", "validate-format"]);
+    let config = setup.config.clone();
+    let second = r#"
+[pipelines.second]
+topics = ["second/+/telemetry"]
+stages = ["enrich", "versioned"]
+sinks = ["file"]
+"#;
+    // The readings the second pipeline gets, on its own topics.
+    let side: Vec<(String, Vec<u8>)> = interleaved_messages(300)
+        .iter()
+        .map(|m| (m.topic.replacen("devices/", "second/", 1), m.payload_bytes()))
+        .collect();
+
+    let first = to_publishes(&setup.next_messages(STEP));
+    publish_all(setup.broker.port(), &first, QoS::AtLeastOnce);
+    setup.wait_written();
+
+    // Add a pipeline while the first one carries a stream.
+    let added = format!("{}{second}", setup.config_text(client_id, &["enrich", "validate-format"], ""));
+    setup.step(|s| {
+        std::fs::write(&config, added.as_bytes()).unwrap();
+        s.host().wait_for_log_count("reload applied", 1, WAIT);
+        // Subscribed once at the start and once for the new filter.
+        s.host().wait_for_log_count("subscribed", 2, WAIT);
+    });
+    publish_all(setup.broker.port(), &side[..200], QoS::AtLeastOnce);
+    let second_records = |setup: &Setup| setup.records().iter().filter(|r| r["pipeline"] == "second").count();
+    wait_until("200 records of the second pipeline", WAIT, || second_records(&setup) == 200);
+
+    // Remove it again while the first one carries a stream.
+    let removed = setup.config_text(client_id, &["enrich", "validate-format"], "");
+    setup.step(|s| {
+        replace_atomically(&config, removed.as_bytes());
+        s.host().wait_for_log_count("reload applied", 2, WAIT);
+        s.host().wait_for_log("unsubscribed: no pipeline reads this filter any more", WAIT);
+    });
+    let log = setup.host().log();
+    // The summary is quoted in the log, so its quotes are escaped.
+    assert!(log.contains(r#"pipeline \"second\" added"#), "log:\n{log}");
+    assert!(log.contains(r#"pipeline \"second\" removed"#), "log:\n{log}");
+
+    // Nothing reads these any more; a last step of the first pipeline
+    // published after them shows they were not processed.
+    publish_all(setup.broker.port(), &side[200..], QoS::AtLeastOnce);
+    setup.step(|_| {});
+    assert_eq!(second_records(&setup), 200, "the removed pipeline processed nothing more");
+
+    // The second pipeline's records: each reading once, by the versioned
+    // stage it ran.
+    for record in setup.records().iter().filter(|r| r["pipeline"] == "second") {
+        assert_eq!(processed_by(record, "versioned").as_deref(), Some("versioned@1.0.0"));
+    }
+    let status = setup.host().terminate(Duration::from_secs(30));
+    assert!(status.success(), "host exited with {status}");
+    let first_pipeline: Vec<Value> = setup.records().into_iter().filter(|r| r["pipeline"] == "telemetry").collect();
+    assert_eq!(first_pipeline.len(), setup.published.len(), "the first pipeline lost or doubled nothing");
+    let distinct: BTreeSet<(String, time::OffsetDateTime)> = first_pipeline
+        .iter()
+        .map(|r| (r["payload"]["device_id"].as_str().unwrap().to_owned(), instant(&r["payload"]["timestamp"])))
+        .collect();
+    assert_eq!(distinct.len(), setup.published.len());
 }
