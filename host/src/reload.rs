@@ -94,9 +94,8 @@ impl Reloader {
         state.slots.get(name).map(|slot| slot.current().1)
     }
 
-    /// Reloads every plugin whose file is `path`. `settled` is set when the
-    /// file has had [`SETTLE`] to be written in full.
-    pub async fn plugin_file_changed(&self, path: &Path, settled: bool) -> Vec<Outcome> {
+    /// Reloads every plugin whose file is `path`.
+    pub async fn plugin_file_changed(&self, path: &Path) -> Vec<Outcome> {
         let state = self.state.lock().await;
         let plugins: Vec<PluginConfig> = state
             .config
@@ -105,44 +104,148 @@ impl Reloader {
             .filter(|plugin| same_file(&plugin.path, path))
             .cloned()
             .collect();
-        if plugins.is_empty() {
-            tracing::debug!(file = %path.display(), "changed file is not a configured plugin; ignored");
-            return Vec::new();
-        }
         let mut outcomes = Vec::new();
         for plugin in plugins {
             let slot = state.slots[&plugin.name].clone();
-            let running = slot.current().1;
-            let outcome = match std::fs::read(path) {
-                Ok(bytes) if crate::wasm::digest(&bytes) == running.digest => Outcome::Unchanged,
-                _ => match self.load(plugin.clone()).await {
-                    Ok(loaded) => {
-                        let summary = format!(
-                            "plugin \"{}\" from {} is now version {} (was {})",
-                            plugin.name,
-                            path.display(),
-                            loaded.info.version,
-                            running.info.version
-                        );
-                        slot.replace(Arc::new(loaded));
-                        self.reset_breakers(&slot);
-                        Outcome::Applied { summary }
-                    }
-                    Err(e) if !settled && recently_written(path) && incomplete(&e) => {
-                        tracing::info!(plugin = %plugin.name, file = %path.display(), error = %e, "plugin file does not load yet and was just written; waiting for the rest of it");
-                        Outcome::Incomplete
-                    }
-                    Err(e) => Outcome::RolledBack {
-                        file: path.to_owned(),
-                        key: format!("plugins.{}", plugin.name),
-                        reason: e.to_string(),
-                    },
-                },
-            };
+            let outcome = self.reload_plugin(&plugin, &slot).await;
             self.report(&outcome);
             outcomes.push(outcome);
         }
         outcomes
+    }
+
+    /// Reloads one plugin from its file unless the file holds the running
+    /// version.
+    async fn reload_plugin(&self, plugin: &PluginConfig, slot: &Arc<PluginSlot>) -> Outcome {
+        let running = slot.current().1;
+        let path = plugin.path.clone();
+        match self.load_if_changed(plugin.clone(), running.digest).await {
+            Ok(None) => {
+                tracing::info!(plugin = %plugin.name, file = %path.display(), "plugin file holds the running version; nothing to reload");
+                Outcome::Unchanged
+            }
+            Ok(Some(loaded)) if loaded.info.name != running.info.name => Outcome::RolledBack {
+                file: path,
+                key: format!("plugins.{}", plugin.name),
+                reason: format!(
+                    "the new file is plugin \"{}\", not \"{}\" as the running version; to run another plugin under this stage, point plugins.{}.file at it in the config",
+                    loaded.info.name, running.info.name, plugin.name
+                ),
+            },
+            Ok(Some(loaded)) => {
+                let summary = format!(
+                    "plugin \"{}\" from {} is now version {} (was {})",
+                    plugin.name,
+                    path.display(),
+                    loaded.info.version,
+                    running.info.version
+                );
+                slot.replace(Arc::new(loaded));
+                self.reset_breakers(slot);
+                Outcome::Applied { summary }
+            }
+            Err(e) if recently_written(&path) && incomplete(&e) => {
+                tracing::info!(plugin = %plugin.name, file = %path.display(), error = %e, "plugin file does not load yet and was just written; waiting for the rest of it");
+                Outcome::Incomplete
+            }
+            Err(e) => Outcome::RolledBack {
+                file: path,
+                key: format!("plugins.{}", plugin.name),
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// Reads `plugin`'s file off the async runtime, and loads it unless its
+    /// bytes hash to `running`.
+    async fn load_if_changed(
+        &self,
+        plugin: PluginConfig,
+        running: u64,
+    ) -> Result<Option<LoadedPlugin>, LoadError> {
+        let runtime = self.runtime.clone();
+        let name = plugin.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let bytes = crate::wasm::read_component(&plugin)?;
+            if crate::wasm::digest(&bytes) == running {
+                return Ok(None);
+            }
+            LoadedPlugin::load(&runtime, &plugin).map(Some)
+        })
+        .await
+        .unwrap_or_else(|panic| {
+            Err(LoadError::Trapped {
+                plugin: name,
+                reason: format!("loading panicked: {panic}"),
+            })
+        })
+    }
+
+    /// Looks at every plugin file and the config again, after a watched
+    /// folder was moved, replaced or switched through a symlink: the events
+    /// of the files inside it may not have come.
+    async fn rescan(&self) {
+        let plugins: Vec<(PluginConfig, Arc<PluginSlot>)> = {
+            let state = self.state.lock().await;
+            state
+                .config
+                .plugins
+                .values()
+                .map(|plugin| (plugin.clone(), state.slots[&plugin.name].clone()))
+                .collect()
+        };
+        self.config_changed().await;
+        for (plugin, slot) in plugins {
+            let outcome = self.reload_plugin(&plugin, &slot).await;
+            self.report(&outcome);
+        }
+    }
+
+    /// Returns the folders to watch: the plugin folder, the config file's
+    /// folder, and the folder of every plugin file.
+    async fn watched_folders(&self) -> Vec<PathBuf> {
+        let state = self.state.lock().await;
+        let mut folders = vec![state.config.plugin_dir.clone()];
+        folders.extend(state.config.file.parent().map(Path::to_owned));
+        folders.extend(
+            state
+                .config
+                .plugins
+                .values()
+                .filter_map(|plugin| plugin.path.parent().map(Path::to_owned)),
+        );
+        folders.sort();
+        folders.dedup();
+        folders
+    }
+
+    /// Tells what an event on `path` concerns.
+    async fn classify(&self, path: &Path) -> Change {
+        let state = self.state.lock().await;
+        if same_file(path, &state.config.file) {
+            return Change::Config;
+        }
+        if state
+            .config
+            .plugins
+            .values()
+            .any(|plugin| same_file(&plugin.path, path))
+        {
+            return Change::Plugin;
+        }
+        // A folder on the way to the files, or a folder or symlink beside
+        // them: a deployment may have switched the folder the files live in
+        // (a Kubernetes ConfigMap swaps a `..data` symlink).
+        let on_the_way = std::iter::once(&state.config.file)
+            .chain(state.config.plugins.values().map(|plugin| &plugin.path))
+            .chain(std::iter::once(&state.config.plugin_dir))
+            .any(|file| file.starts_with(path));
+        let is_link_or_folder =
+            std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() || m.file_type().is_symlink());
+        if on_the_way || is_link_or_folder {
+            return Change::Folder;
+        }
+        Change::Other
     }
 
     /// Reloads the config file and applies what changed.
@@ -230,6 +333,7 @@ impl Reloader {
             && added.is_empty()
             && dropped.is_empty()
         {
+            tracing::info!(file = %file.display(), "config file has no change to apply");
             state.config = new;
             return Outcome::Unchanged;
         }
@@ -365,14 +469,13 @@ impl Reloader {
             }
             Outcome::Unchanged => {
                 self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(outcome = "unchanged", "reload found nothing changed");
             }
             Outcome::Incomplete => {}
         }
     }
 
-    /// Watches the plugin folder and the config file, and reloads what
-    /// changes until the returned watcher is dropped.
+    /// Watches the plugin folder, the config file and every plugin file,
+    /// and reloads what changes until the returned watcher is dropped.
     ///
     /// # Errors
     ///
@@ -381,21 +484,13 @@ impl Reloader {
         use anyhow::Context as _;
         use notify::Watcher as _;
 
-        let (plugin_dir, config_file) = {
-            let state = self.state.lock().await;
-            (state.config.plugin_dir.clone(), state.config.file.clone())
-        };
-        let config_dir = config_file
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_else(|| PathBuf::from("."));
         let (events, received) = tokio::sync::mpsc::unbounded_channel();
         let to_task = events.clone();
         let mut watcher = notify::recommended_watcher(
             move |result: notify::Result<notify::Event>| match result {
                 Ok(event) if is_write(&event.kind) => {
                     for path in event.paths {
-                        let _ = to_task.send((path, false));
+                        let _ = to_task.send(FileEvent::Written(path));
                     }
                 }
                 Ok(_) => {}
@@ -403,14 +498,20 @@ impl Reloader {
             },
         )
         .context("cannot start the file watcher")?;
-        for dir in [&plugin_dir, &config_dir] {
+        let folders = self.watched_folders().await;
+        for folder in &folders {
             watcher
-                .watch(dir, notify::RecursiveMode::NonRecursive)
-                .with_context(|| format!("cannot watch {}", dir.display()))?;
+                .watch(folder, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch {}", folder.display()))?;
         }
-        tracing::info!(plugin_dir = %plugin_dir.display(), config = %config_file.display(), "watching for plugin and config changes");
+        tracing::info!(folders = ?folders, "watching for plugin and config changes");
 
-        let task = tokio::spawn(self.clone().handle_changes(config_file, events, received));
+        let watcher = Arc::new(std::sync::Mutex::new(watcher));
+        let task =
+            tokio::spawn(
+                self.clone()
+                    .handle_changes(watcher.clone(), folders, events, received),
+            );
         Ok(Watcher {
             _watcher: watcher,
             task,
@@ -421,55 +522,113 @@ impl Reloader {
     /// [`DEBOUNCE`], one at a time.
     async fn handle_changes(
         self: Arc<Self>,
-        config_file: PathBuf,
-        events: tokio::sync::mpsc::UnboundedSender<(PathBuf, bool)>,
-        mut received: tokio::sync::mpsc::UnboundedReceiver<(PathBuf, bool)>,
+        watcher: Arc<std::sync::Mutex<notify::RecommendedWatcher>>,
+        mut folders: Vec<PathBuf>,
+        events: tokio::sync::mpsc::UnboundedSender<FileEvent>,
+        mut received: tokio::sync::mpsc::UnboundedReceiver<FileEvent>,
     ) {
-        // When each changed path is due, and whether it had time to settle.
-        let mut due: BTreeMap<PathBuf, (tokio::time::Instant, bool)> = BTreeMap::new();
+        // When each changed path is due.
+        let mut due: BTreeMap<PathBuf, tokio::time::Instant> = BTreeMap::new();
         loop {
-            let next = due.values().map(|(at, _)| *at).min();
+            let next = due.values().min().copied();
             tokio::select! {
-                event = received.recv() => {
-                    let Some((path, settled)) = event else { return };
-                    // A new write postpones the path and drops a pending
-                    // settled check: the file is still being written.
-                    let delay = if settled { Duration::ZERO } else { DEBOUNCE };
-                    due.insert(path, (tokio::time::Instant::now() + delay, settled));
-                }
+                event = received.recv() => match event {
+                    // A new write postpones the path.
+                    Some(FileEvent::Written(path)) => {
+                        due.insert(path, tokio::time::Instant::now() + DEBOUNCE);
+                    }
+                    // A second look never overtakes a write still pending.
+                    Some(FileEvent::LookAgain(path)) => {
+                        due.entry(path).or_insert_with(tokio::time::Instant::now);
+                    }
+                    None => return,
+                },
                 () = tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)), if next.is_some() => {
                     let now = tokio::time::Instant::now();
-                    let ready: Vec<(PathBuf, bool)> = due
+                    let ready: Vec<PathBuf> = due
                         .iter()
-                        .filter(|(_, (at, _))| *at <= now)
-                        .map(|(path, (_, settled))| (path.clone(), *settled))
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(path, _)| path.clone())
                         .collect();
-                    for (path, settled) in ready {
+                    for path in ready {
                         due.remove(&path);
-                        if same_file(&path, &config_file) {
-                            self.config_changed().await;
-                            continue;
+                        match self.classify(&path).await {
+                            Change::Config => {
+                                self.config_changed().await;
+                            }
+                            Change::Plugin => {
+                                let outcomes = self.plugin_file_changed(&path).await;
+                                if outcomes.contains(&Outcome::Incomplete) {
+                                    let events = events.clone();
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(SETTLE).await;
+                                        let _ = events.send(FileEvent::LookAgain(path));
+                                    });
+                                }
+                            }
+                            Change::Folder => {
+                                tracing::info!(path = %path.display(), "a watched folder changed; looking at every plugin and the config again");
+                                folders = self.rewatch(&watcher, &folders).await;
+                                self.rescan().await;
+                            }
+                            Change::Other => {}
                         }
-                        let outcomes = self.plugin_file_changed(&path, settled).await;
-                        if outcomes.contains(&Outcome::Incomplete) {
-                            // Look again once the file had time to be
-                            // completed, unless a write comes first.
-                            let events = events.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(SETTLE).await;
-                                let _ = events.send((path, true));
-                            });
-                        }
+                    }
+                    // The config may name plugin files in new folders.
+                    let wanted = self.watched_folders().await;
+                    if wanted != folders {
+                        folders = self.rewatch(&watcher, &folders).await;
                     }
                 }
             }
         }
     }
+
+    /// Watches the current folders anew, because a watch follows the folder
+    /// it was set on, not the path: after the path was moved or switched,
+    /// the old watch reports nothing. Returns the folders now watched.
+    async fn rewatch(
+        &self,
+        watcher: &std::sync::Mutex<notify::RecommendedWatcher>,
+        old: &[PathBuf],
+    ) -> Vec<PathBuf> {
+        use notify::Watcher as _;
+
+        let folders = self.watched_folders().await;
+        let mut watcher = watcher.lock().unwrap_or_else(|e| e.into_inner());
+        for folder in old {
+            let _ = watcher.unwatch(folder);
+        }
+        for folder in &folders {
+            if let Err(e) = watcher.watch(folder, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot watch the folder; its changes are not reloaded");
+            }
+        }
+        folders
+    }
+}
+
+/// A file event for the reload task.
+enum FileEvent {
+    /// The watcher saw a write to the path.
+    Written(PathBuf),
+    /// A plugin file did not load while it was being written: look again.
+    LookAgain(PathBuf),
+}
+
+/// What a changed path concerns.
+enum Change {
+    Config,
+    Plugin,
+    /// A folder or symlink that the files may live behind.
+    Folder,
+    /// Anything else in a watched folder, such as a log file.
+    Other,
 }
 
 /// Watches files for a [`Reloader`] until dropped.
 pub struct Watcher {
-    _watcher: notify::RecommendedWatcher,
+    _watcher: Arc<std::sync::Mutex<notify::RecommendedWatcher>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -573,9 +732,10 @@ fn recently_written(path: &Path) -> bool {
 }
 
 /// Tells whether a load error could come from a file that is still being
-/// written: not valid Wasm yet.
+/// written: not valid Wasm yet. A file that cannot be read, or is not a
+/// regular file, is not being written.
 fn incomplete(error: &LoadError) -> bool {
-    matches!(error, LoadError::Compile { .. } | LoadError::Read { .. })
+    matches!(error, LoadError::Compile { .. })
 }
 
 #[cfg(test)]

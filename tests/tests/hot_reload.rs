@@ -422,3 +422,60 @@ sinks = ["file"]
         .collect();
     assert_eq!(distinct.len(), setup.published.len());
 }
+
+/// Publishes `n` more readings, waits until they are written, and returns
+/// the version of `versioned` that processed the last one.
+fn probe_version(setup: &mut Setup, n: usize) -> String {
+    let probe = to_publishes(&setup.next_messages(n));
+    publish_all(setup.broker.port(), &probe, QoS::AtLeastOnce);
+    setup.wait_written();
+    processed_by(setup.records().last().unwrap(), "versioned").unwrap()
+}
+
+#[test]
+fn odd_plugin_files_keep_the_old_version() {
+    let mut setup = Setup::start("eliot-reload-odd", &["enrich", "versioned"]);
+    let target = setup.plugin_dir.join("versioned.wasm");
+    assert_eq!(probe_version(&mut setup, 100), "versioned@1.0.0");
+
+    // A FIFO in place of the component: reading it would block the host.
+    std::fs::remove_file(&target).unwrap();
+    let fifo = std::ffi::CString::new(target.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo failed");
+    setup.host().wait_for_log_count("reload rolled back", 1, WAIT);
+    assert_eq!(probe_version(&mut setup, 100), "versioned@1.0.0");
+
+    // A symlink to a device that never ends.
+    std::fs::remove_file(&target).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &target).unwrap();
+    setup.host().wait_for_log_count("reload rolled back", 2, WAIT);
+    assert_eq!(probe_version(&mut setup, 100), "versioned@1.0.0");
+    let log = setup.host().log();
+    assert_eq!(log.matches("not a regular file; put a Wasm component there").count(), 2, "log:\n{log}");
+
+    // Another plugin under this plugin's file name.
+    std::fs::remove_file(&target).unwrap();
+    std::fs::copy(build_examples().join("validate_format.wasm"), &target).unwrap();
+    setup.host().wait_for_log_count("reload rolled back", 3, WAIT);
+    assert_eq!(probe_version(&mut setup, 100), "versioned@1.0.0");
+    let log = setup.host().log();
+    assert!(log.contains(r#"the new file is plugin \"validate-format\", not \"versioned\""#), "log:\n{log}");
+
+    // The whole plugin folder replaced by a copy: the old watch sees nothing
+    // of the new folder, so the host must watch it again.
+    let moved = setup.dir.path().join("plugins.old");
+    std::fs::rename(&setup.plugin_dir, &moved).unwrap();
+    std::fs::create_dir(&setup.plugin_dir).unwrap();
+    for file in ["enrich.wasm", "validate_format.wasm", "sanity_filter.wasm"] {
+        std::fs::copy(moved.join(file), setup.plugin_dir.join(file)).unwrap();
+    }
+    std::fs::copy(build_versioned("1.0.0", false), &target).unwrap();
+    setup.host().wait_for_log("a watched folder changed", WAIT);
+    std::fs::copy(build_versioned("2.0.0", false), &target).unwrap();
+    setup.host().wait_for_log_count("reload applied", 1, WAIT);
+    assert_eq!(probe_version(&mut setup, 100), "versioned@2.0.0");
+
+    let status = setup.host().terminate(Duration::from_secs(30));
+    assert!(status.success(), "host exited with {status}");
+    assert_eq!(setup.records().len(), setup.published.len(), "every probe once");
+}

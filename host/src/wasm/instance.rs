@@ -117,6 +117,55 @@ impl eliot::plugin::host::Host for StoreState {
     }
 }
 
+/// Largest component file a plugin may have. The Python components, the
+/// biggest ones, are about 18 MB.
+pub const MAX_COMPONENT_BYTES: u64 = 256 << 20;
+
+/// Reads the component file of `config`. Refuses anything but a regular
+/// file of at most [`MAX_COMPONENT_BYTES`]: reading a FIFO would block, and
+/// a device such as `/dev/zero` would never end.
+///
+/// # Errors
+///
+/// [`LoadError::Read`] naming why.
+pub fn read_component(config: &PluginConfig) -> Result<Vec<u8>, LoadError> {
+    let error = |source: std::io::Error| LoadError::Read {
+        plugin: config.name.clone(),
+        path: config.path.clone(),
+        source,
+    };
+    // Opened without blocking and checked on the open handle, so that a FIFO
+    // swapped in between cannot block the read.
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&config.path)
+        .map_err(error)?;
+    let metadata = file.metadata().map_err(error)?;
+    if !metadata.is_file() {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file; put a Wasm component there",
+        )));
+    }
+    if metadata.len() > MAX_COMPONENT_BYTES {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes is more than the {MAX_COMPONENT_BYTES} bytes a component may have",
+                metadata.len()
+            ),
+        )));
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    use std::io::Read as _;
+    file.take(MAX_COMPONENT_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(error)?;
+    Ok(bytes)
+}
+
 /// Returns a hash of a component file's bytes.
 pub fn digest(bytes: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
@@ -156,11 +205,7 @@ impl LoadedPlugin {
     /// not match the WIT world, or an `init` that rejects the config.
     pub fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
         let plugin = config.name.clone();
-        let bytes = std::fs::read(&config.path).map_err(|source| LoadError::Read {
-            plugin: plugin.clone(),
-            path: config.path.clone(),
-            source,
-        })?;
+        let bytes = read_component(config)?;
         let component =
             Component::from_binary(&runtime.engine, &bytes).map_err(|e| LoadError::Compile {
                 plugin: plugin.clone(),

@@ -8,7 +8,7 @@ mod limiter;
 mod trap;
 
 pub use engine::{Runtime, RuntimeError};
-pub use instance::{digest, CallError, LoadError, LoadedPlugin, StageInstance};
+pub use instance::{digest, read_component, CallError, LoadError, LoadedPlugin, StageInstance};
 
 wasmtime::component::bindgen!({
     world: "plugin",

@@ -1,0 +1,259 @@
+//! Benchmarks of the `eliot` binary against a Mosquitto it starts on
+//! loopback. Timings live here, never in the tests.
+//!
+//! `eliot-bench reload --eliot PATH` measures the publish-to-sink latency
+//! of a steady stream, first with nothing changing and then while the last
+//! stage's plugin is swapped several times, and prints both as a Markdown
+//! table. The sink is an MQTT republish sink, so a latency is the time from
+//! the publish to the arrival of the result at a subscriber of the
+//! republished topic, two broker hops included.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use eliot_tests::plugins::{build_examples, build_versioned};
+use eliot_tests::process::HostProcess;
+use eliot_tests::Mosquitto;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the eliot binary against a local Mosquitto")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Latency of a steady stream, without and during plugin swaps.
+    Reload {
+        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
+        #[arg(long, default_value = "target/release/eliot")]
+        eliot: PathBuf,
+        /// Messages per second.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u32,
+        /// Length of each phase, in seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Plugin swaps during the second phase.
+        #[arg(long, default_value_t = 5)]
+        swaps: u32,
+    },
+}
+
+fn main() {
+    match Cli::parse().command {
+        Command::Reload {
+            eliot,
+            rate,
+            seconds,
+            swaps,
+        } => reload(&eliot, rate, Duration::from_secs(seconds), swaps),
+    }
+}
+
+/// First moment of the readings' timestamps; reading `n` is stamped `n` ms
+/// later, which makes each reading's timestamp its sequence number.
+const BASE_MS: i64 = 1_749_133_800_000; // 2025-06-05T14:30:00Z
+
+fn reload(eliot: &Path, rate: u32, phase: Duration, swaps: u32) {
+    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    let broker = Mosquitto::builder().max_queued_messages(0).start();
+    let examples = build_examples();
+    let versions = [build_versioned("1.0.0", false), build_versioned("2.0.0", false)];
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let plugin_dir = dir.path().join("plugins");
+    std::fs::create_dir(&plugin_dir).unwrap();
+    for file in ["enrich.wasm", "validate_format.wasm"] {
+        std::fs::copy(examples.join(file), plugin_dir.join(file)).unwrap();
+    }
+    let target = plugin_dir.join("versioned.wasm");
+    std::fs::copy(&versions[0], &target).unwrap();
+    let config = dir.path().join("eliot.toml");
+    std::fs::write(&config, bench_config(&broker.address())).unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<(u64, Duration)>>> = Arc::default();
+    runtime.spawn(receive(broker.port(), sent.clone(), latencies.clone()));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut host = HostProcess::start(eliot, &config, &dir.path().join("host.log"));
+    host.wait_for_log("subscribed", Duration::from_secs(60));
+    host.wait_for_log("watching for plugin and config changes", Duration::from_secs(60));
+
+    // Warm-up, then the two phases back to back.
+    let total = (u64::from(rate) * (1 + 2 * phase.as_secs())) as usize;
+    let publisher = runtime.spawn(publish(broker.port(), rate, total, sent.clone()));
+    let warm_up = Duration::from_secs(1);
+    let steady_from = (u64::from(rate) * warm_up.as_secs()) as u64;
+    let swap_from = steady_from + u64::from(rate) * phase.as_secs();
+    std::thread::sleep(warm_up + phase);
+    let interval = phase / (swaps + 1);
+    for swap in 0..swaps {
+        std::thread::sleep(interval);
+        let next = &versions[((swap + 1) % 2) as usize];
+        let temporary = target.with_extension("part");
+        std::fs::copy(next, &temporary).unwrap();
+        std::fs::rename(&temporary, &target).unwrap();
+        host.wait_for_log_count("reload applied", swap as usize + 1, Duration::from_secs(60));
+    }
+    runtime.block_on(publisher).expect("the publisher task");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().unwrap().len() < total && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = host.terminate(Duration::from_secs(30));
+    assert!(status.success(), "eliot exited with {status}");
+
+    let latencies = latencies.lock().unwrap().clone();
+    let steady: Vec<Duration> = latencies
+        .iter()
+        .filter(|(seq, _)| (steady_from..swap_from).contains(seq))
+        .map(|(_, latency)| *latency)
+        .collect();
+    let swapping: Vec<Duration> = latencies
+        .iter()
+        .filter(|(seq, _)| *seq >= swap_from)
+        .map(|(_, latency)| *latency)
+        .collect();
+    println!("| phase | messages received | p50 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for (name, mut values) in [("steady state", steady), (&*format!("{swaps} swaps"), swapping)] {
+        values.sort();
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            values.len(),
+            millis(percentile(&values, 0.50)),
+            millis(percentile(&values, 0.99)),
+            millis(values.last().copied().unwrap_or_default())
+        );
+    }
+    println!(
+        "\n{} of {total} messages arrived; {rate} messages/s, {} s per phase, one phase of {swaps} plugin swaps.",
+        latencies.len(),
+        phase.as_secs()
+    );
+}
+
+fn bench_config(broker: &str) -> String {
+    format!(
+        r#"
+[mqtt]
+broker = "{broker}"
+client_id = "eliot-bench"
+
+[runtime]
+plugin_dir = "plugins"
+cache_dir = "cache"
+
+[dead_letters]
+path = "out/dead-letters.sqlite"
+
+[plugins.enrich]
+file = "enrich.wasm"
+
+[plugins.validate-format]
+file = "validate_format.wasm"
+
+[plugins.versioned]
+file = "versioned.wasm"
+
+[pipelines.telemetry]
+topics = ["devices/+/telemetry"]
+stages = ["enrich", "validate-format", "versioned"]
+sinks = ["republish"]
+
+[sinks.republish]
+type = "mqtt"
+topic = "bench/out/{{payload.device_id}}"
+qos = 1
+"#
+    )
+}
+
+/// Publishes `total` readings at `rate` per second, at QoS 1, recording
+/// when each was sent.
+async fn publish(port: u16, rate: u32, total: usize, sent: Arc<Mutex<HashMap<u64, Instant>>>) {
+    let mut options = MqttOptions::new("eliot-bench-publisher", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // A tick every millisecond, each sending its share of the rate.
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    let started = Instant::now();
+    let mut seq = 0u64;
+    while (seq as usize) < total {
+        ticks.tick().await;
+        let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+        while seq < due.min(total as u64) {
+            let device = format!("bench-{:03}", seq % 100);
+            let payload = reading(&device, seq);
+            sent.lock().unwrap().insert(seq, Instant::now());
+            client
+                .publish(format!("devices/{device}/telemetry"), QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("the publisher's event loop runs");
+            seq += 1;
+        }
+    }
+}
+
+/// A GPS reading of about 200 bytes whose timestamp encodes `seq`.
+fn reading(device: &str, seq: u64) -> Vec<u8> {
+    let stamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(BASE_MS + seq as i64) * 1_000_000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let latitude = 37.7749 + (seq % 1000) as f64 * 1e-5;
+    format!(
+        r#"{{"device_id": "{device}", "timestamp": "{stamp}", "sensor_type": "gps", "data": {{"latitude": {latitude:.6}, "longitude": -122.4194, "accuracy": 3.2}}}}"#
+    )
+    .into_bytes()
+}
+
+/// Receives the republished results and records each one's latency.
+async fn receive(port: u16, sent: Arc<Mutex<HashMap<u64, Instant>>>, latencies: Arc<Mutex<Vec<(u64, Duration)>>>) {
+    let mut options = MqttOptions::new("eliot-bench-subscriber", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    client.subscribe("bench/out/#", QoS::AtMostOnce).await.expect("subscribe request");
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let arrived = Instant::now();
+                let Some(seq) = sequence_of(&publish.payload) else { continue };
+                if let Some(at) = sent.lock().unwrap().remove(&seq) {
+                    latencies.lock().unwrap().push((seq, arrived - at));
+                }
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Reads the sequence number back from a result's timestamp.
+fn sequence_of(payload: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let stamp = time::OffsetDateTime::parse(value["timestamp"].as_str()?, &time::format_description::well_known::Rfc3339).ok()?;
+    let ms = (stamp.unix_timestamp_nanos() / 1_000_000) as i64 - BASE_MS;
+    u64::try_from(ms).ok()
+}
+
+fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * quantile).round() as usize;
+    sorted[index]
+}
+
+fn millis(value: Duration) -> String {
+    format!("{:.2} ms", value.as_secs_f64() * 1e3)
+}
