@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, unit and integration, from any folder.
 # On a fresh Debian or Ubuntu machine with rustup it first installs what the
-# tests need: the mosquitto broker (with apt-get) and the wasm32-wasip2
-# target. Extra arguments go to `cargo test`, for example a test name filter.
+# tests need: the mosquitto broker (with apt-get), the wasm32-wasip2 target,
+# and the plugin build tools of sdk/toolchains.sh. Extra arguments go to `cargo test`, for example a test name filter.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +38,9 @@ if command -v rustup >/dev/null 2>&1; then
 else
     echo "run.sh: rustup not found; the wasm32-wasip2 target must already be installed" >&2
 fi
+
+# The build tools of the Python, JavaScript and C example plugins.
+bash sdk/toolchains.sh
 
 # Release mode, because wasmtime compiles plugins far too slowly in a debug
 # build. The tests build the plugins with the same release profile.

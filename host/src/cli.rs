@@ -79,15 +79,23 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Build Rust plugin crates of this workspace into components and copy
-    /// them into a plugin folder.
+    /// Build plugins into components in a plugin folder: Rust crates of
+    /// this workspace, or with --lang a Python, JavaScript or C plugin folder.
     Build {
-        /// Cargo packages to build; the example plugins when none is given.
+        /// Cargo packages to build (the example plugins when none is given);
+        /// with --lang python, js or c, the plugin's folders.
         packages: Vec<String>,
+        /// Language of the plugins.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: crate::plugin_build::Lang,
         /// Folder to copy the components into; `target/plugins` of the
         /// workspace when not given, where config/eliot.toml looks.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// WIT package to build against; the workspace's `wit` folder when
+        /// not given.
+        #[arg(long)]
+        wit: Option<PathBuf>,
     },
 }
 
@@ -162,12 +170,36 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Check { config } => check(&config).await,
         Command::DeadLetters { command } => crate::deadletter::cli::execute(command).await,
         Command::Plugin {
-            command: PluginCommand::Build { packages, out },
+            command:
+                PluginCommand::Build {
+                    packages,
+                    lang,
+                    out,
+                    wit,
+                },
         } => {
             let cwd = std::env::current_dir()?;
             let workspace = crate::plugin_build::workspace_root(&cwd).context(
                 "no cargo workspace found above the current folder; run this inside the repository",
             )?;
+            if lang != crate::plugin_build::Lang::Rust {
+                if packages.is_empty() {
+                    anyhow::bail!("name the plugin folders to build, for example plugins/geofence");
+                }
+                let out = out.unwrap_or_else(|| workspace.join("target").join("plugins"));
+                let wit = wit.unwrap_or_else(|| workspace.join("wit"));
+                for folder in &packages {
+                    let path = crate::plugin_build::build_lang(
+                        lang,
+                        &workspace,
+                        &wit,
+                        Path::new(folder),
+                        &out,
+                    )?;
+                    println!("{}", path.display());
+                }
+                return Ok(());
+            }
             let packages = if packages.is_empty() {
                 crate::plugin_build::EXAMPLE_PLUGINS
                     .iter()
@@ -190,6 +222,7 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
 }
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let mut signals = StopSignals::new()?;
     let config = load_config(config_path)?;
     let watch = config.watch;
     let host = Host::start(config).await?;
@@ -202,10 +235,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(broker = %host.broker, "eliot is running; stop it with Ctrl-C or SIGTERM");
     let mut escalation = host.supervisor.escalation();
     let escalated = tokio::select! {
-        result = wait_for_signal() => {
-            result?;
-            None
-        }
+        () = signals.wait() => None,
         reason = escalation.wait_for(Option::is_some) => reason.ok().and_then(|r| r.clone()),
         () = log_counts_periodically(&host) => None,
     };
@@ -255,13 +285,29 @@ fn log_counts(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are created: a signal
+/// that arrives while the host starts then shuts it down gracefully instead
+/// of killing the process.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
 
 async fn check(config_path: &Path) -> anyhow::Result<()> {

@@ -132,6 +132,37 @@ pub fn build_versioned(version: &str, rejects: bool) -> PathBuf {
     destination
 }
 
+/// Plugin folders of the examples written in other languages than Rust.
+pub const LANGUAGE_EXAMPLES: [(&str, eliot::plugin_build::Lang); 3] = [
+    ("plugins/rolling-anomaly", eliot::plugin_build::Lang::Python),
+    ("plugins/geofence", eliot::plugin_build::Lang::Js),
+    ("plugins/range-filter", eliot::plugin_build::Lang::C),
+];
+
+/// Builds the Python, JavaScript and C example plugins from source once per
+/// test process, with the same code as `eliot plugin build --lang`, into the
+/// plugin folder of [`build_examples`]: `rolling_anomaly.wasm`,
+/// `geofence.wasm` and `range_filter.wasm`.
+///
+/// # Panics
+///
+/// Panics when a build tool is missing, with the command that installs it,
+/// or when a build fails, with the tool's output.
+pub fn build_language_examples() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = build_examples();
+            let workspace = crate::workspace_root();
+            for (folder, lang) in LANGUAGE_EXAMPLES {
+                eliot::plugin_build::build_lang(lang, &workspace, &workspace.join("wit"), &workspace.join(folder), &out)
+                    .unwrap_or_else(|e| panic!("building {folder} ({lang:?}) failed: {e:#}"));
+            }
+            out
+        })
+        .clone()
+}
+
 /// Builds `packages` with one cargo call and returns the paths of their
 /// copied components, in the order of `packages`.
 fn build_components(packages: &[&str]) -> Vec<PathBuf> {
