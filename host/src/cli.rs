@@ -79,6 +79,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Write a new plugin that builds and forwards every message unchanged.
+    New {
+        /// Plugin name: lowercase letters, digits and dashes.
+        name: String,
+        /// Language of the plugin.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: crate::plugin_build::Lang,
+        /// Folder to create the plugin's folder in; `plugins` of the
+        /// workspace when not given.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Build plugins into components in a plugin folder: Rust crates of
     /// this workspace, or with --lang a Python, JavaScript or C plugin folder.
     Build {
@@ -170,6 +182,30 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         Command::Check { config } => check(&config).await,
         Command::DeadLetters { command } => crate::deadletter::cli::execute(command).await,
         Command::Plugin {
+            command: PluginCommand::New { name, lang, dir },
+        } => {
+            let cwd = std::env::current_dir()?;
+            let workspace = crate::plugin_build::workspace_root(&cwd);
+            let parent = match (dir, &workspace) {
+                (Some(dir), _) => dir,
+                (None, Some(root)) => root.join("plugins"),
+                (None, None) => cwd,
+            };
+            let folder = crate::plugin_new::create(&name, lang, &parent, workspace.as_deref())?;
+            println!("{}", folder.display());
+            match lang {
+                crate::plugin_build::Lang::Rust => {
+                    println!("build it with: cargo run --release -p eliot -- plugin build {name}")
+                }
+                other => println!(
+                    "build it with: cargo run --release -p eliot -- plugin build --lang {} {}",
+                    format!("{other:?}").to_lowercase(),
+                    folder.display()
+                ),
+            }
+            Ok(())
+        }
+        Command::Plugin {
             command:
                 PluginCommand::Build {
                     packages,
@@ -179,19 +215,23 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 },
         } => {
             let cwd = std::env::current_dir()?;
-            let workspace = crate::plugin_build::workspace_root(&cwd).context(
-                "no cargo workspace found above the current folder; run this inside the repository",
-            )?;
+            let found = crate::plugin_build::workspace_root(&cwd);
             if lang != crate::plugin_build::Lang::Rust {
                 if packages.is_empty() {
                     anyhow::bail!("name the plugin folders to build, for example plugins/geofence");
                 }
-                let out = out.unwrap_or_else(|| workspace.join("target").join("plugins"));
-                let wit = wit.unwrap_or_else(|| workspace.join("wit"));
+                let root = found.as_deref();
+                let out = out
+                    .or_else(|| root.map(|r| r.join("target").join("plugins")))
+                    .context("outside the repository, name the output folder with --out")?;
+                let wit = wit
+                    .or_else(|| root.map(|r| r.join("wit")))
+                    .context("outside the repository, name the WIT folder with --wit")?;
+                let tools = crate::plugin_build::toolchain_dir(root);
                 for folder in &packages {
                     let path = crate::plugin_build::build_lang(
                         lang,
-                        &workspace,
+                        &tools,
                         &wit,
                         Path::new(folder),
                         &out,
@@ -200,6 +240,9 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
+            let workspace = found.context(
+                "no cargo workspace found above the current folder; run this inside the repository",
+            )?;
             let packages = if packages.is_empty() {
                 crate::plugin_build::EXAMPLE_PLUGINS
                     .iter()

@@ -15,6 +15,7 @@ pub mod host;
 pub mod outbox;
 pub mod pipeline;
 pub mod plugin_build;
+pub mod plugin_new;
 pub mod reload;
 pub mod restart;
 pub mod simulate;

@@ -106,10 +106,15 @@ pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 /// Version of componentize-js the JavaScript build is tested with.
 pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
 
-/// Where the workspace keeps the Python and JavaScript build tools that
-/// `sdk/toolchains.sh` installs.
-pub fn toolchain_dir(workspace: &Path) -> PathBuf {
-    workspace.join("target").join("toolchains")
+/// Where the Python and JavaScript build tools are: `ELIOT_TOOLCHAINS` when
+/// set, else `target/toolchains` of the workspace, where `sdk/toolchains.sh`
+/// installs them.
+pub fn toolchain_dir(workspace: Option<&Path>) -> PathBuf {
+    match (std::env::var_os("ELIOT_TOOLCHAINS"), workspace) {
+        (Some(dir), _) => PathBuf::from(dir),
+        (None, Some(root)) => root.join("target").join("toolchains"),
+        (None, None) => PathBuf::from("target").join("toolchains"),
+    }
 }
 
 /// Builds the plugin in `source` (a folder) written in `lang` into
@@ -131,7 +136,7 @@ pub fn toolchain_dir(workspace: &Path) -> PathBuf {
 /// build fails (with the tool's output).
 pub fn build_lang(
     lang: Lang,
-    workspace: &Path,
+    tools: &Path,
     wit: &Path,
     source: &Path,
     out: &Path,
@@ -148,8 +153,8 @@ pub fn build_lang(
     let partial = out.join(format!(".{name}.wasm.partial"));
     match lang {
         Lang::Rust => bail!("Rust plugins are cargo packages: run `eliot plugin build PACKAGE`"),
-        Lang::Python => build_python(workspace, wit, source, &partial)?,
-        Lang::Js => build_js(workspace, wit, source, &partial)?,
+        Lang::Python => build_python(tools, wit, source, &partial)?,
+        Lang::Js => build_js(tools, wit, source, &partial)?,
         Lang::C => build_c(wit, source, &partial)?,
     }
     // Renamed into place, so that a host watching the folder never loads a
@@ -174,14 +179,14 @@ fn run_tool(command: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_python(workspace: &Path, wit: &Path, source: &Path, out: &Path) -> anyhow::Result<()> {
+fn build_python(tools: &Path, wit: &Path, source: &Path, out: &Path) -> anyhow::Result<()> {
     if !source.join("app.py").is_file() {
         bail!(
             "{} has no app.py; a Python plugin defines its Processor class there",
             source.display()
         );
     }
-    let installed = toolchain_dir(workspace).join("python/bin/componentize-py");
+    let installed = tools.join("python/bin/componentize-py");
     let tool = if installed.is_file() {
         installed
     } else if which("componentize-py").is_some() {
@@ -217,7 +222,7 @@ const { component } = await componentize({
 await writeFile(out, component);
 "#;
 
-fn build_js(workspace: &Path, wit: &Path, source: &Path, out: &Path) -> anyhow::Result<()> {
+fn build_js(tools: &Path, wit: &Path, source: &Path, out: &Path) -> anyhow::Result<()> {
     let scripts: Vec<PathBuf> = std::fs::read_dir(source)
         .with_context(|| format!("cannot read {}", source.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
@@ -230,7 +235,7 @@ fn build_js(workspace: &Path, wit: &Path, source: &Path, out: &Path) -> anyhow::
             scripts.len()
         );
     };
-    let tools = toolchain_dir(workspace).join("js");
+    let tools = tools.join("js");
     if !tools
         .join("node_modules/@bytecodealliance/componentize-js")
         .is_dir()

@@ -155,7 +155,8 @@ pub fn build_language_examples() -> PathBuf {
             let out = build_examples();
             let workspace = crate::workspace_root();
             for (folder, lang) in LANGUAGE_EXAMPLES {
-                eliot::plugin_build::build_lang(lang, &workspace, &workspace.join("wit"), &workspace.join(folder), &out)
+                let tools = eliot::plugin_build::toolchain_dir(Some(&workspace));
+                eliot::plugin_build::build_lang(lang, &tools, &workspace.join("wit"), &workspace.join(folder), &out)
                     .unwrap_or_else(|e| panic!("building {folder} ({lang:?}) failed: {e:#}"));
             }
             out

@@ -237,3 +237,71 @@ fn rust_python_js_and_c_in_one_chain() {
     assert!(!log.contains("message dead-lettered"), "log:\n{log}");
     assert!(!dir.path().join("out/dead-letters.sqlite").exists() || eliot_tests::dead_letters::read_all(&dir.path().join("out/dead-letters.sqlite")).is_empty());
 }
+
+/// Runs `eliot check` on `config` and returns its exit success and output.
+fn check(config: &Path) -> (bool, String) {
+    let output = std::process::Command::new(ELIOT).arg("check").arg("--config").arg(config).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[test]
+fn new_plugin_skeletons_build_and_load() {
+    use eliot::plugin_build::{build_lang, toolchain_dir, Lang};
+
+    let workspace = eliot_tests::workspace_root();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let tools = toolchain_dir(Some(&workspace));
+    let wit = workspace.join("wit");
+    for (name, lang) in [("new-python", Lang::Python), ("new-js", Lang::Js), ("new-c", Lang::C)] {
+        let folder = eliot::plugin_new::create(name, lang, dir.path(), Some(&workspace)).unwrap();
+        build_lang(lang, &tools, &wit, &folder, &out).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
+    // A Rust skeleton outside the workspace is a crate of its own that
+    // depends on the SDK by path.
+    let folder = eliot::plugin_new::create("new-rust", Lang::Rust, dir.path(), Some(&workspace)).unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = std::process::Command::new(cargo)
+        .current_dir(&folder)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", dir.path().join("target"))
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+    std::fs::copy(dir.path().join("target/wasm32-wasip2/release/new_rust.wasm"), out.join("new_rust.wasm")).unwrap();
+
+    // The C skeleton once more, against the contract with another version.
+    let other_wit = dir.path().join("wit-0.2.0");
+    std::fs::create_dir(&other_wit).unwrap();
+    let text = std::fs::read_to_string(wit.join("world.wit")).unwrap().replace("@0.1.0", "@0.2.0");
+    std::fs::write(other_wit.join("world.wit"), text).unwrap();
+    let other = dir.path().join("other");
+    build_lang(Lang::C, &tools, &other_wit, &dir.path().join("new-c"), &other).unwrap();
+    std::fs::copy(other.join("new_c.wasm"), out.join("wrong_version.wasm")).unwrap();
+
+    let stages = ["new-python", "new-js", "new-c", "new-rust"];
+    let mut config = format!(
+        "[mqtt]\nbroker = \"embedded\"\nclient_id = \"skeletons\"\n[runtime]\nplugin_dir = \"out\"\ncache_dir = \"{}\"\n[dead_letters]\npath = \"dead.sqlite\"\n",
+        build_examples().parent().unwrap().join("cache").display()
+    );
+    for name in stages {
+        config.push_str(&format!("[plugins.{name}]\nfile = \"{}.wasm\"\n", name.replace('-', "_")));
+    }
+    config.push_str("[pipelines.p]\ntopics = [\"a/#\"]\nstages = [\"new-python\", \"new-js\", \"new-c\", \"new-rust\"]\nsinks = [\"f\"]\n[sinks.f]\ntype = \"file\"\npath = \"o.jsonl\"\n");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &config).unwrap();
+    let (ok, text) = check(&good);
+    assert!(ok, "{text}");
+    for name in stages {
+        assert!(text.contains(&format!("ok: plugin \"{name}\" {name} 0.1.0")), "{text}");
+    }
+
+    config.push_str("[plugins.wrong-version]\nfile = \"wrong_version.wasm\"\n");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, &config).unwrap();
+    let (ok, text) = check(&bad);
+    assert!(!ok, "{text}");
+    assert!(text.contains("no exported instance named `eliot:plugin/processor@0.1.0`"), "{text}");
+    assert!(text.contains("the component exports [eliot:plugin/processor@0.2.0]"), "{text}");
+}

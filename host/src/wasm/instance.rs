@@ -166,6 +166,27 @@ pub fn read_component(config: &PluginConfig) -> Result<Vec<u8>, LoadError> {
     Ok(bytes)
 }
 
+/// Lists the `eliot:` interfaces a component imports and exports, for an
+/// error that says which contract version it was built against.
+fn eliot_interfaces(component: &Component, engine: &wasmtime::Engine) -> String {
+    let ty = component.component_type();
+    let pick = |names: Vec<&str>| {
+        names
+            .into_iter()
+            .filter(|name| name.starts_with("eliot:"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let exports = pick(ty.exports(engine).map(|(name, _)| name).collect());
+    let imports = pick(ty.imports(engine).map(|(name, _)| name).collect());
+    match (exports.is_empty(), imports.is_empty()) {
+        (true, true) => "; the component uses no eliot: interface at all; build it against wit/world.wit".to_owned(),
+        _ => format!(
+            "; the component exports [{exports}] and imports [{imports}]; rebuild it against wit/world.wit (eliot:plugin@0.1.0)"
+        ),
+    }
+}
+
 /// Returns a hash of a component file's bytes.
 pub fn digest(bytes: &[u8]) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
@@ -218,20 +239,16 @@ impl LoadedPlugin {
                     .unwrap_or_default()
                     .to_owned(),
             })?;
-        let instance_pre =
-            runtime
-                .linker
-                .instantiate_pre(&component)
-                .map_err(|e| LoadError::Contract {
-                    plugin: plugin.clone(),
-                    path: config.path.clone(),
-                    reason: format!("{e:#}"),
-                })?;
-        let pre = PluginPre::new(instance_pre).map_err(|e| LoadError::Contract {
+        let contract = |e: wasmtime::Error| LoadError::Contract {
             plugin: plugin.clone(),
             path: config.path.clone(),
-            reason: format!("{e:#}"),
-        })?;
+            reason: format!("{e:#}{}", eliot_interfaces(&component, &runtime.engine)),
+        };
+        let instance_pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(contract)?;
+        let pre = PluginPre::new(instance_pre).map_err(contract)?;
 
         let mut loaded = Self {
             name: plugin.clone(),
