@@ -43,6 +43,16 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         swaps: u32,
     },
+    /// Time from start to ready with a chain of Rust, Python, JavaScript and
+    /// C plugins, with an empty and with a warm compiled-component cache.
+    Startup {
+        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
+        #[arg(long, default_value = "target/release/eliot")]
+        eliot: PathBuf,
+        /// Warm starts to measure after the cold one.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
 }
 
 fn main() {
@@ -53,6 +63,72 @@ fn main() {
             seconds,
             swaps,
         } => reload(&eliot, rate, Duration::from_secs(seconds), swaps),
+        Command::Startup { eliot, runs } => startup(&eliot, runs),
+    }
+}
+
+fn startup(eliot: &Path, runs: u32) {
+    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    let broker = Mosquitto::builder().start();
+    let plugin_dir = eliot_tests::plugins::build_language_examples();
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let config = dir.path().join("eliot.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[mqtt]
+broker = "{broker}"
+client_id = "eliot-bench-startup"
+
+[runtime]
+plugin_dir = "{plugins}"
+cache_dir = "cache"
+watch = false
+
+[dead_letters]
+path = "out/dead-letters.sqlite"
+
+[plugins.enrich]
+file = "enrich.wasm"
+
+[plugins.rolling-anomaly]
+file = "rolling_anomaly.wasm"
+
+[plugins.geofence]
+file = "geofence.wasm"
+config = {{ latitude = 51.5782653, longitude = 16.116775, radius_m = 500.0 }}
+
+[plugins.range-filter]
+file = "range_filter.wasm"
+config = {{ ranges = {{ co2_ppm = [250, 1000] }} }}
+
+[pipelines.telemetry]
+topics = ["devices/+/telemetry"]
+stages = ["enrich", "rolling-anomaly", "geofence", "range-filter"]
+sinks = ["file"]
+
+[sinks.file]
+type = "file"
+path = "out/processed.jsonl"
+"#,
+            broker = broker.address(),
+            plugins = plugin_dir.display()
+        ),
+    )
+    .unwrap();
+
+    println!("| start | compiled-component cache | start to subscribed |");
+    println!("|---|---|---|");
+    for run in 0..=runs {
+        let started = Instant::now();
+        let mut host = HostProcess::start(eliot, &config, &dir.path().join(format!("host-{run}.log")));
+        host.wait_for_log("subscribed", Duration::from_secs(300));
+        let ready = started.elapsed();
+        let status = host.terminate(Duration::from_secs(30));
+        assert!(status.success(), "eliot exited with {status}");
+        let cache = if run == 0 { "empty" } else { "warm" };
+        println!("| {} | {cache} | {:.2} s |", run + 1, ready.as_secs_f64());
     }
 }
 
