@@ -130,7 +130,8 @@ impl Host {
         for pipeline in config.pipelines.values() {
             pipelines.push(
                 launcher
-                    .start(pipeline, &plugins)
+                    .start_off_runtime(pipeline, &plugins)
+                    .await
                     .with_context(|| format!("pipeline \"{}\"", pipeline.name))?,
             );
         }

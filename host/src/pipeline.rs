@@ -358,6 +358,26 @@ impl PipelineLauncher {
         Ok(Arc::new(pipeline))
     }
 
+    /// Like [`PipelineLauncher::start`], on a blocking thread: each worker's
+    /// first instances run the plugins' `init`, which may take long or
+    /// use WASI, and neither may happen on the async runtime.
+    ///
+    /// # Errors
+    ///
+    /// Fails when a worker cannot instantiate a stage.
+    pub async fn start_off_runtime(
+        self: &Arc<Self>,
+        config: &PipelineConfig,
+        slots: &std::collections::BTreeMap<String, Arc<PluginSlot>>,
+    ) -> anyhow::Result<Arc<Pipeline>> {
+        let launcher = self.clone();
+        let config = config.clone();
+        let slots = slots.clone();
+        tokio::task::spawn_blocking(move || launcher.start(&config, &slots))
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the pipeline panicked: {e}"))?
+    }
+
     /// Takes the sink tasks started so far.
     pub fn take_sink_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
         std::mem::take(&mut *self.sink_tasks.lock().unwrap_or_else(|e| e.into_inner()))

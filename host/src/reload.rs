@@ -284,6 +284,7 @@ impl Reloader {
             if state.config.plugins.get(name) == Some(plugin) {
                 continue;
             }
+            tracing::info!(plugin = %name, file = %plugin.path.display(), "reload is loading a plugin; the pipelines keep running meanwhile");
             match self.load(plugin.clone()).await {
                 Ok(plugin) => {
                     loaded.insert(name.clone(), Arc::new(plugin));
@@ -388,7 +389,11 @@ impl Reloader {
                 .cloned()
                 .collect();
             for name in &added {
-                match self.launcher.start(&new.pipelines[*name], &state.slots) {
+                match self
+                    .launcher
+                    .start_off_runtime(&new.pipelines[*name], &state.slots)
+                    .await
+                {
                     Ok(pipeline) => next.push(pipeline),
                     Err(e) => {
                         // NOTE: the plugins were swapped already; only the

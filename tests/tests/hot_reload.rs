@@ -479,3 +479,54 @@ fn odd_plugin_files_keep_the_old_version() {
     assert!(status.success(), "host exited with {status}");
     assert_eq!(setup.records().len(), setup.published.len(), "every probe once");
 }
+
+#[test]
+fn slow_plugin_load_blocks_no_pipeline() {
+    let client_id = "eliot-reload-slow-load";
+    let mut setup = Setup::start(client_id, &["enrich", "validate-format"]);
+    std::fs::copy(eliot_tests::plugins::build_plugin("gated-init"), setup.plugin_dir.join("gated_init.wasm")).unwrap();
+    let gate = setup.dir.path().join("gate");
+    std::fs::create_dir(&gate).unwrap();
+
+    // A new pipeline whose plugin's init waits until the test opens the
+    // gate: its load stays in progress for as long as the test needs.
+    let added = format!(
+        r#"{}
+[plugins.gated-init]
+file = "gated_init.wasm"
+config = {{ gate = "/gate/open" }}
+limits = {{ call_budget_ms = 120000 }}
+grants = {{ read_dirs = [{{ host = "{}", guest = "/gate" }}] }}
+
+[pipelines.second]
+topics = ["second/+/telemetry"]
+stages = ["gated-init"]
+sinks = ["file"]
+"#,
+        setup.config_text(client_id, &["enrich", "validate-format"], ""),
+        gate.display()
+    );
+    std::fs::write(&setup.config, added.as_bytes()).unwrap();
+    setup.host().wait_for_log("reload is loading a plugin", WAIT);
+
+    // The running pipeline carries a whole step while the load waits.
+    setup.step(|_| {});
+    let log = setup.host().log();
+    assert!(!log.contains("reload applied"), "the gate is still closed:\n{log}");
+
+    std::fs::write(gate.join("open"), b"").unwrap();
+    setup.host().wait_for_log("reload applied", WAIT);
+    setup.host().wait_for_log_count("subscribed", 2, WAIT);
+    let side: Vec<(String, Vec<u8>)> = interleaved_messages(100)
+        .iter()
+        .map(|m| (m.topic.replacen("devices/", "second/", 1), m.payload_bytes()))
+        .collect();
+    publish_all(setup.broker.port(), &side, QoS::AtLeastOnce);
+    wait_until("100 records of the second pipeline", WAIT, || {
+        setup.records().iter().filter(|r| r["pipeline"] == "second").count() == 100
+    });
+    let status = setup.host().terminate(Duration::from_secs(30));
+    assert!(status.success(), "host exited with {status}");
+    let first = setup.records().iter().filter(|r| r["pipeline"] == "telemetry").count();
+    assert_eq!(first, setup.published.len(), "the first pipeline lost or doubled nothing");
+}
