@@ -36,3 +36,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
     as_root apt-get update -q
     as_root apt-get install -y -q "${missing[@]}"
 fi
+echo "toolchains ready: componentize-py, componentize-js, clang and wasi-libc" >&2
