@@ -8,7 +8,7 @@
 //! the publish to the arrival of the result at a subscriber of the
 //! republished topic, two broker hops included.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +43,17 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         swaps: u32,
     },
+    /// Receive rate of a bare rumqttc subscriber against Eliot's end-to-end
+    /// rate through the three example Rust stages into the file sink, at
+    /// QoS 0 and QoS 1.
+    Throughput {
+        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
+        #[arg(long, default_value = "target/release/eliot")]
+        eliot: PathBuf,
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+    },
     /// Time from start to ready with a chain of Rust, Python, JavaScript and
     /// C plugins, with an empty and with a warm compiled-component cache.
     Startup {
@@ -64,6 +75,7 @@ fn main() {
             swaps,
         } => reload(&eliot, rate, Duration::from_secs(seconds), swaps),
         Command::Startup { eliot, runs } => startup(&eliot, runs),
+        Command::Throughput { eliot, messages } => throughput(&eliot, messages),
     }
 }
 
@@ -332,4 +344,160 @@ fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
 
 fn millis(value: Duration) -> String {
     format!("{:.2} ms", value.as_secs_f64() * 1e3)
+}
+
+/// Publishes `total` readings as fast as the client takes them, at `qos`.
+async fn publish_burst(port: u16, total: usize, qos: QoS, client_id: &str) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let driver = tokio::spawn(async move {
+        let mut acked = 0usize;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) if qos == QoS::AtMostOnce => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("publisher connection failed: {e}"),
+            }
+            if acked == total {
+                return;
+            }
+        }
+    });
+    for seq in 0..total as u64 {
+        let device = format!("bench-{:03}", seq % 100);
+        client
+            .publish(format!("devices/{device}/telemetry"), qos, false, reading(&device, seq))
+            .await
+            .expect("the publisher's event loop runs");
+    }
+    driver.await.expect("the publisher's event loop");
+}
+
+/// Rate at which a bare subscriber receives `total` messages at `qos`.
+fn bare_rate(runtime: &tokio::runtime::Runtime, port: u16, total: usize, qos: QoS) -> (usize, f64) {
+    runtime.block_on(async {
+        let mut options = MqttOptions::new(format!("eliot-bench-bare-{qos:?}"), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        client.subscribe("devices/+/telemetry", qos).await.expect("subscribe request");
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = eventloop.poll().await {
+                break;
+            }
+        }
+        let publisher = tokio::spawn(publish_burst(port, total, qos, "eliot-bench-bare-publisher"));
+        let mut received = 0usize;
+        let mut first = None;
+        let mut last = Instant::now();
+        while received < total {
+            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                    first.get_or_insert_with(Instant::now);
+                    received += 1;
+                    last = Instant::now();
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("subscriber connection failed: {e}"),
+                // Messages the broker dropped never come.
+                Err(_) => break,
+            }
+        }
+        publisher.await.expect("the publisher task");
+        let _ = client.disconnect().await;
+        let seconds = first.map_or(f64::NAN, |f| (last - f).as_secs_f64());
+        (received, received as f64 / seconds)
+    })
+}
+
+/// Counts the lines of `path` written so far.
+fn count_lines(path: &Path) -> usize {
+    std::fs::read(path).map_or(0, |bytes| bytes.iter().filter(|b| **b == b'\n').count())
+}
+
+/// Rate at which Eliot writes `total` messages at `qos` through the example
+/// chain into its file sink.
+fn eliot_rate(eliot: &Path, runtime: &tokio::runtime::Runtime, broker: &Mosquitto, total: usize, qos: QoS) -> (usize, f64) {
+    let plugin_dir = build_examples();
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let config = dir.path().join("eliot.toml");
+    let qos_number = qos as u8;
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[mqtt]
+broker = "{broker}"
+client_id = "eliot-bench-throughput-{qos_number}"
+
+[runtime]
+plugin_dir = "{plugins}"
+cache_dir = "cache"
+watch = false
+
+[dead_letters]
+path = "out/dead-letters.sqlite"
+{tables}
+[pipelines.telemetry]
+topics = ["devices/+/telemetry"]
+qos = {qos_number}
+stages = ["enrich", "validate-format", "sanity-filter"]
+sinks = ["file"]
+
+[sinks.file]
+type = "file"
+path = "out/processed.jsonl"
+"#,
+            broker = broker.address(),
+            plugins = plugin_dir.display(),
+            tables = eliot_tests::config::EXAMPLE_PLUGIN_TABLES,
+        ),
+    )
+    .unwrap();
+    let mut host = HostProcess::start(eliot, &config, &dir.path().join("host.log"));
+    host.wait_for_log("subscribed", Duration::from_secs(60));
+    let output = dir.path().join("out/processed.jsonl");
+    let started = Instant::now();
+    let publisher = runtime.spawn(publish_burst(broker.port(), total, qos, "eliot-bench-eliot-publisher"));
+    let mut written = 0;
+    let mut last_change = Instant::now();
+    let mut done_at = started;
+    while written < total && last_change.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = count_lines(&output);
+        if now != written {
+            written = now;
+            last_change = Instant::now();
+            done_at = last_change;
+        }
+    }
+    runtime.block_on(publisher).expect("the publisher task");
+    let status = host.terminate(Duration::from_secs(30));
+    assert!(status.success(), "eliot exited with {status}");
+    (written, written as f64 / (done_at - started).as_secs_f64())
+}
+
+fn throughput(eliot: &Path, total: usize) {
+    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    let broker = Mosquitto::builder().max_queued_messages(0).start();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    println!("| measurement | QoS | messages arrived | messages/s |");
+    println!("|---|---|---|---|");
+    let mut rates = BTreeMap::new();
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let (received, rate) = bare_rate(&runtime, broker.port(), total, qos);
+        println!("| bare rumqttc subscriber | {} | {received} of {total} | {rate:.0} |", qos as u8);
+        let (written, eliot_rate) = eliot_rate(eliot, &runtime, &broker, total, qos);
+        println!("| eliot, 3 Rust stages, file sink | {} | {written} of {total} | {eliot_rate:.0} |", qos as u8);
+        rates.insert(qos as u8, (rate, eliot_rate));
+    }
+    let (bare0, eliot0) = rates[&0];
+    let (_, eliot1) = rates[&1];
+    println!(
+        "\nEliot at QoS 0: {:.0} % of the bare subscriber (target 80 %). Eliot at QoS 1: {:.0} % of Eliot at QoS 0 (target 60 %).",
+        100.0 * eliot0 / bare0,
+        100.0 * eliot1 / eliot0
+    );
 }
