@@ -256,8 +256,8 @@ impl Host {
     }
 }
 
-/// What the source task shares with the rest of the host, and keeps over a
-/// restart.
+/// State the source task shares with the rest of the host and keeps over
+/// a restart.
 struct SourceShared {
     pipelines: Arc<PipelineSet>,
     ack_queue: Arc<crate::pipeline::AckQueue>,

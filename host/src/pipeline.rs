@@ -197,7 +197,7 @@ fn new_breaker(plugin: &LoadedPlugin) -> CircuitBreaker {
     )
 }
 
-/// A plugin as every stage that runs it sees it. A reload replaces the
+/// A plugin, shared by every stage that runs it. A reload replaces the
 /// plugin and raises the generation; each worker notices between two
 /// messages and takes a fresh instance of the new version, so a message
 /// never changes version half-way.
@@ -307,8 +307,8 @@ impl PipelineSet {
     }
 }
 
-/// What it takes to start a pipeline, at start and on a reload that adds
-/// one: the sinks, the dead-letter store, the supervisor, and where the sink
+/// Everything needed to start a pipeline, at start and on a reload that
+/// adds one: the sinks, the dead-letter store, the supervisor, and where the sink
 /// tasks are kept for the shutdown to wait on.
 pub struct PipelineLauncher {
     pub sinks: std::collections::BTreeMap<String, Arc<Sink>>,

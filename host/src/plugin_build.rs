@@ -106,7 +106,7 @@ pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 /// Version of componentize-js the JavaScript build is tested with.
 pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
 
-/// Where the Python and JavaScript build tools are: `ELIOT_TOOLCHAINS` when
+/// Returns the folder of the Python and JavaScript build tools: `ELIOT_TOOLCHAINS` when
 /// set, else `target/toolchains` of the workspace, where `sdk/toolchains.sh`
 /// installs them.
 pub fn toolchain_dir(workspace: Option<&Path>) -> PathBuf {

@@ -114,14 +114,14 @@ impl Reloader {
         outcomes
     }
 
-    /// Reloads one plugin from its file unless the file holds the running
+    /// Reloads one plugin from its file unless the file contains the running
     /// version.
     async fn reload_plugin(&self, plugin: &PluginConfig, slot: &Arc<PluginSlot>) -> Outcome {
         let running = slot.current().1;
         let path = plugin.path.clone();
         match self.load_if_changed(plugin.clone(), running.digest).await {
             Ok(None) => {
-                tracing::info!(plugin = %plugin.name, file = %path.display(), "plugin file holds the running version; nothing to reload");
+                tracing::info!(plugin = %plugin.name, file = %path.display(), "plugin file contains the running version; nothing to reload");
                 Outcome::Unchanged
             }
             Ok(Some(loaded)) if loaded.info.name != running.info.name => Outcome::RolledBack {
@@ -164,21 +164,14 @@ impl Reloader {
         running: u64,
     ) -> Result<Option<LoadedPlugin>, LoadError> {
         let runtime = self.runtime.clone();
-        let name = plugin.name.clone();
-        tokio::task::spawn_blocking(move || {
+        off_runtime(plugin.name.clone(), move || {
             let bytes = crate::wasm::read_component(&plugin)?;
             if crate::wasm::digest(&bytes) == running {
                 return Ok(None);
             }
-            LoadedPlugin::load(&runtime, &plugin).map(Some)
+            LoadedPlugin::from_bytes(&runtime, &plugin, &bytes).map(Some)
         })
         .await
-        .unwrap_or_else(|panic| {
-            Err(LoadError::Trapped {
-                plugin: name,
-                reason: format!("loading panicked: {panic}"),
-            })
-        })
     }
 
     /// Looks at every plugin file and the config again, after a watched
@@ -435,15 +428,10 @@ impl Reloader {
     /// Compiles and starts `plugin` off the async runtime.
     async fn load(&self, plugin: PluginConfig) -> Result<LoadedPlugin, LoadError> {
         let runtime = self.runtime.clone();
-        let name = plugin.name.clone();
-        tokio::task::spawn_blocking(move || LoadedPlugin::load(&runtime, &plugin))
-            .await
-            .unwrap_or_else(|panic| {
-                Err(LoadError::Trapped {
-                    plugin: name,
-                    reason: format!("loading panicked: {panic}"),
-                })
-            })
+        off_runtime(plugin.name.clone(), move || {
+            LoadedPlugin::load(&runtime, &plugin)
+        })
+        .await
     }
 
     fn reset_breakers(&self, slot: &Arc<PluginSlot>) {
@@ -613,6 +601,23 @@ impl Reloader {
     }
 }
 
+/// Runs a load of plugin `name` on a blocking thread, because compiling and
+/// `init` take long and `init` may use WASI, which blocks. A panic becomes a
+/// load error.
+async fn off_runtime<T: Send + 'static>(
+    name: String,
+    load: impl FnOnce() -> Result<T, LoadError> + Send + 'static,
+) -> Result<T, LoadError> {
+    tokio::task::spawn_blocking(load)
+        .await
+        .unwrap_or_else(|panic| {
+            Err(LoadError::Trapped {
+                plugin: name,
+                reason: format!("loading panicked: {panic}"),
+            })
+        })
+}
+
 /// A file event for the reload task.
 enum FileEvent {
     /// The watcher saw a write to the path.
@@ -621,7 +626,7 @@ enum FileEvent {
     LookAgain(PathBuf),
 }
 
-/// What a changed path concerns.
+/// Kind of a changed path.
 enum Change {
     Config,
     Plugin,

@@ -322,11 +322,9 @@ pub struct MqttSink {
     /// would fail the connection.
     max_packet_bytes: usize,
     pub topic: TopicTemplate,
-    pub qos: rumqttc::QoS,
-    pub retain: bool,
 }
 
-/// Most publishes the sink holds unconfirmed; a full window makes
+/// Maximum number of unconfirmed publishes the sink keeps. A full window makes
 /// [`MqttSink::publish`] wait, and so the pipeline stop reading.
 const REPUBLISH_WINDOW: usize = 1000;
 
@@ -336,7 +334,7 @@ const REPUBLISH_WINDOW: usize = 1000;
 pub type Confirmation = tokio::sync::oneshot::Receiver<Result<(), String>>;
 
 /// Connections a publish may see lost while it is in flight before the sink
-/// gives it up. A publish the broker answers by closing the connection (one
+/// gives it up. A publish the broker rejects by closing the connection (one
 /// over the broker's own size limit, or a topic its ACL forbids on MQTT 3.1.1)
 /// would otherwise be sent again after every reconnect, for ever, and hold
 /// up everything behind it.
@@ -436,8 +434,6 @@ impl MqttSink {
             shared,
             max_packet_bytes,
             topic,
-            qos,
-            retain,
         }
     }
 
@@ -451,7 +447,7 @@ impl MqttSink {
     pub fn check_size(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
         if topic.is_empty() || topic.contains(['+', '#']) {
             return Err(format!(
-                "republish topic \"{topic}\" is empty or holds a wildcard (+ or #), which MQTT allows only in filters; check the sink's topic template and the fields it takes"
+                "republish topic \"{topic}\" is empty or contains a wildcard (+ or #), which MQTT allows only in filters; check the sink's topic template and the fields it takes"
             ));
         }
         if topic.len() > usize::from(u16::MAX) {
@@ -541,7 +537,7 @@ async fn drive_republish(options: rumqttc::MqttOptions, client_id: String, share
     }
 }
 
-/// What the republish connection task does after one event.
+/// Next step of the republish connection task after one event.
 enum Step {
     Next,
     Connected,

@@ -461,7 +461,7 @@ fn odd_plugin_files_keep_the_old_version() {
     let log = setup.host().log();
     assert!(log.contains(r#"the new file is plugin \"validate-format\", not \"versioned\""#), "log:\n{log}");
 
-    // The whole plugin folder replaced by a copy: the old watch sees nothing
+    // The whole plugin folder replaced by a copy: the old watch reports nothing
     // of the new folder, so the host must watch it again.
     let moved = setup.dir.path().join("plugins.old");
     std::fs::rename(&setup.plugin_dir, &moved).unwrap();

@@ -76,7 +76,7 @@ fn instant(value: &Value) -> time::OffsetDateTime {
     time::OffsetDateTime::parse(value.as_str().unwrap(), &Rfc3339).unwrap()
 }
 
-/// The rolling z-score rule of the Python plugin: for each flow reading,
+/// Applies the rolling z-score rule of the Python plugin: for each flow reading,
 /// the z-score against the readings before it in the window, once there
 /// are enough of them. Returns the z-score of each flagged reading.
 fn expected_anomalies(messages: &[&DeviceMessage]) -> BTreeMap<time::OffsetDateTime, f64> {

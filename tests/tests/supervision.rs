@@ -285,7 +285,7 @@ struct Tally {
 }
 
 #[test]
-fn source_task_panic_restarts_with_a_new_connection_and_loses_nothing() {
+fn source_panic_reconnects_losing_nothing() {
     use eliot::source::FAULT_INJECTION_SOURCE_TOPIC_LEVEL;
 
     let mut fault = OneShotFault::run(
@@ -331,7 +331,7 @@ fn source_task_panic_restarts_with_a_new_connection_and_loses_nothing() {
 }
 
 #[test]
-fn acker_panic_restarts_and_the_lost_ack_means_one_redelivery() {
+fn acker_panic_causes_one_redelivery() {
     use eliot::source::FAULT_INJECTION_ACKER_TOPIC_LEVEL;
 
     let mut fault = OneShotFault::run(FAULT_INJECTION_ACKER_TOPIC_LEVEL, "eliot-supervision-acker");
@@ -362,7 +362,7 @@ fn acker_panic_restarts_and_the_lost_ack_means_one_redelivery() {
     );
 
     // The ack of the injected message was lost with the panic, and every
-    // other ack went out: the kept session holds exactly that one message,
+    // other ack went out: the kept session keeps exactly that one message,
     // which the broker delivers to the next run.
     let mut host = HostProcess::start(
         Path::new(ELIOT),

@@ -167,7 +167,7 @@ pub fn read_component(config: &PluginConfig) -> Result<Vec<u8>, LoadError> {
 }
 
 /// Lists the `eliot:` interfaces a component imports and exports, for an
-/// error that says which contract version it was built against.
+/// error that names the contract version it was built against.
 fn eliot_interfaces(component: &Component, engine: &wasmtime::Engine) -> String {
     let ty = component.component_type();
     let pick = |names: Vec<&str>| {
@@ -225,10 +225,23 @@ impl LoadedPlugin {
     /// See [`LoadError`]: unreadable file, invalid Wasm, a component that does
     /// not match the WIT world, or an `init` that rejects the config.
     pub fn load(runtime: &Runtime, config: &PluginConfig) -> Result<Self, LoadError> {
+        Self::from_bytes(runtime, config, &read_component(config)?)
+    }
+
+    /// Like [`LoadedPlugin::load`], with the component's bytes already read
+    /// from `config.path`.
+    ///
+    /// # Errors
+    ///
+    /// As [`LoadedPlugin::load`], except for reading the file.
+    pub fn from_bytes(
+        runtime: &Runtime,
+        config: &PluginConfig,
+        bytes: &[u8],
+    ) -> Result<Self, LoadError> {
         let plugin = config.name.clone();
-        let bytes = read_component(config)?;
         let component =
-            Component::from_binary(&runtime.engine, &bytes).map_err(|e| LoadError::Compile {
+            Component::from_binary(&runtime.engine, bytes).map_err(|e| LoadError::Compile {
                 plugin: plugin.clone(),
                 path: config.path.clone(),
                 // The first line names the problem; the rest is a dump of
@@ -262,7 +275,7 @@ impl LoadedPlugin {
             grants: config.grants.clone(),
             max_retries: config.max_retries,
             counters: PluginCounters::default(),
-            digest: digest(&bytes),
+            digest: digest(bytes),
             config_json: config.config.to_string(),
             pre,
             engine: runtime.engine.clone(),

@@ -291,7 +291,7 @@ async fn publish(port: u16, rate: u32, total: usize, sent: Arc<Mutex<HashMap<u64
     }
 }
 
-/// A GPS reading of about 200 bytes whose timestamp encodes `seq`.
+/// Returns a GPS reading of about 200 bytes whose timestamp encodes `seq`.
 fn reading(device: &str, seq: u64) -> Vec<u8> {
     let stamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(BASE_MS + seq as i64) * 1_000_000)
         .unwrap()
