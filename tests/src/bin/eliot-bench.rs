@@ -53,6 +53,10 @@ enum Command {
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
         messages: usize,
+        /// The Node-RED launcher to compare with; `tests/bench/run.sh`
+        /// installs it. Skipped when the file does not exist.
+        #[arg(long, default_value = "target/bench/node-red/node_modules/.bin/node-red")]
+        node_red: PathBuf,
     },
     /// Time from start to ready with a chain of Rust, Python, JavaScript and
     /// C plugins, with an empty and with a warm compiled-component cache.
@@ -75,7 +79,7 @@ fn main() {
             swaps,
         } => reload(&eliot, rate, Duration::from_secs(seconds), swaps),
         Command::Startup { eliot, runs } => startup(&eliot, runs),
-        Command::Throughput { eliot, messages } => throughput(&eliot, messages),
+        Command::Throughput { eliot, messages, node_red } => throughput(&eliot, messages, &node_red),
     }
 }
 
@@ -458,15 +462,25 @@ path = "out/processed.jsonl"
     .unwrap();
     let mut host = HostProcess::start(eliot, &config, &dir.path().join("host.log"));
     host.wait_for_log("subscribed", Duration::from_secs(60));
-    let output = dir.path().join("out/processed.jsonl");
+    let result = rate_into_file(runtime, broker.port(), total, qos, &dir.path().join("out/processed.jsonl"));
+    let status = host.terminate(Duration::from_secs(30));
+    assert!(status.success(), "eliot exited with {status}");
+    result
+}
+
+/// Publishes `total` readings at `qos` and returns how many lines arrived
+/// in `output` and at what rate, counted from the first publish to the last
+/// line written. Lines of readiness probes do not count.
+fn rate_into_file(runtime: &tokio::runtime::Runtime, port: u16, total: usize, qos: QoS, output: &Path) -> (usize, f64) {
+    let before = count_lines(output);
     let started = Instant::now();
-    let publisher = runtime.spawn(publish_burst(broker.port(), total, qos, "eliot-bench-eliot-publisher"));
+    let publisher = runtime.spawn(publish_burst(port, total, qos, "eliot-bench-file-publisher"));
     let mut written = 0;
     let mut last_change = Instant::now();
     let mut done_at = started;
     while written < total && last_change.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
-        let now = count_lines(&output);
+        let now = count_lines(output) - before;
         if now != written {
             written = now;
             last_change = Instant::now();
@@ -474,12 +488,89 @@ path = "out/processed.jsonl"
         }
     }
     runtime.block_on(publisher).expect("the publisher task");
-    let status = host.terminate(Duration::from_secs(30));
-    assert!(status.success(), "eliot exited with {status}");
     (written, written as f64 / (done_at - started).as_secs_f64())
 }
 
-fn throughput(eliot: &Path, total: usize) {
+/// Rate at which Node-RED writes `total` messages at `qos` through three
+/// function nodes doing the example plugins' work (tests/bench/node-red)
+/// into a file node.
+fn node_red_rate(node_red: &Path, runtime: &tokio::runtime::Runtime, port: u16, total: usize, qos: QoS) -> (usize, f64) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let output = dir.path().join("processed.jsonl");
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/node-red");
+    // Node-RED takes any string property equal to a node id for a reference
+    // to that node, so ids and names differ.
+    let function = |name: &str, next: &str| {
+        let file = format!("{name}.js");
+        let code = std::fs::read_to_string(sources.join(&file)).unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+        serde_json::json!({
+            "id": format!("node-{name}"), "type": "function", "z": "flow", "name": name, "func": code,
+            "outputs": 1, "wires": [[next]]
+        })
+    };
+    let flow = serde_json::json!([
+        {"id": "flow", "type": "tab", "label": "eliot-bench"},
+        {"id": "node-broker", "type": "mqtt-broker", "broker": "127.0.0.1", "port": port.to_string(),
+         "clientid": format!("eliot-bench-node-red-{}", qos as u8), "autoConnect": true, "usetls": false,
+         "protocolVersion": "4", "keepalive": "30", "cleansession": true},
+        {"id": "node-in", "type": "mqtt in", "z": "flow", "topic": "devices/+/telemetry", "qos": (qos as u8).to_string(),
+         "datatype": "utf8", "broker": "node-broker", "nl": false, "rap": true, "rh": 0, "inputs": 0,
+         "wires": [["node-enrich"]]},
+        function("enrich", "node-validate-format"),
+        function("validate-format", "node-sanity-filter"),
+        function("sanity-filter", "node-out"),
+        {"id": "node-out", "type": "file", "z": "flow", "filename": output.to_str().unwrap(), "filenameType": "str",
+         "appendNewline": true, "createDir": true, "overwriteFile": "false", "encoding": "none", "wires": []}
+    ]);
+    std::fs::write(dir.path().join("flows.json"), flow.to_string()).unwrap();
+    // No editor and no HTTP nodes: only the flow runs.
+    std::fs::write(
+        dir.path().join("settings.js"),
+        "module.exports = { uiPort: 0, uiHost: '127.0.0.1', httpAdminRoot: false, httpNodeRoot: false, \
+         flowFile: 'flows.json', credentialSecret: false, logging: { console: { level: 'info' } } };\n",
+    )
+    .unwrap();
+    let log = dir.path().join("node-red.log");
+    let mut child = std::process::Command::new(node_red)
+        .arg("--userDir")
+        .arg(dir.path())
+        .arg("--settings")
+        .arg(dir.path().join("settings.js"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", node_red.display()));
+    // Ready once a probe went through the whole flow; probes keep coming
+    // until one did, and a second's pause lets any late one land before the
+    // count starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    runtime.block_on(async {
+        let options = MqttOptions::new("eliot-bench-node-red-probe", "127.0.0.1", port);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        while count_lines(&output) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "Node-RED did not pass a probe within 60 s; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            client
+                .publish("devices/probe/telemetry", QoS::AtMostOnce, false, reading("probe", 0))
+                .await
+                .expect("the probe's event loop runs");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        driver.abort();
+    });
+    let result = rate_into_file(runtime, port, total, qos, &output);
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn throughput(eliot: &Path, total: usize, node_red: &Path) {
     assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
     let broker = Mosquitto::builder().max_queued_messages(0).start();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -491,13 +582,29 @@ fn throughput(eliot: &Path, total: usize) {
         println!("| bare rumqttc subscriber | {} | {received} of {total} | {rate:.0} |", qos as u8);
         let (written, eliot_rate) = eliot_rate(eliot, &runtime, &broker, total, qos);
         println!("| eliot, 3 Rust stages, file sink | {} | {written} of {total} | {eliot_rate:.0} |", qos as u8);
-        rates.insert(qos as u8, (rate, eliot_rate));
+        let red_rate = if node_red.exists() {
+            let (written, red_rate) = node_red_rate(node_red, &runtime, broker.port(), total, qos);
+            println!("| node-red, 3 function nodes, file node | {} | {written} of {total} | {red_rate:.0} |", qos as u8);
+            red_rate
+        } else {
+            f64::NAN
+        };
+        rates.insert(qos as u8, (rate, eliot_rate, red_rate));
     }
-    let (bare0, eliot0) = rates[&0];
-    let (_, eliot1) = rates[&1];
+    let (bare0, eliot0, red0) = rates[&0];
+    let (_, eliot1, red1) = rates[&1];
     println!(
         "\nEliot at QoS 0: {:.0} % of the bare subscriber (target 80 %). Eliot at QoS 1: {:.0} % of Eliot at QoS 0 (target 60 %).",
         100.0 * eliot0 / bare0,
         100.0 * eliot1 / eliot0
     );
+    if node_red.exists() {
+        println!(
+            "Eliot against Node-RED: {:.1}x at QoS 0, {:.1}x at QoS 1 (target 5x).",
+            eliot0 / red0,
+            eliot1 / red1
+        );
+    } else {
+        println!("Node-RED was not measured: {} does not exist (tests/bench/run.sh installs it).", node_red.display());
+    }
 }
