@@ -39,6 +39,11 @@ impl HostProcess {
         host
     }
 
+    /// The process id, for reading its memory in /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Returns the log written so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
