@@ -2,7 +2,9 @@
 # Runs every test of the workspace, unit and integration, from any folder.
 # On a fresh Debian or Ubuntu machine with rustup it first installs what the
 # tests need: the mosquitto broker (with apt-get), the wasm32-wasip2 target,
-# and the plugin build tools of sdk/toolchains.sh. Extra arguments go to `cargo test`, for example a test name filter.
+# and the plugin build tools of sdk/toolchains.sh. Extra arguments go to
+# `cargo test`, for example a test name filter. Without them, a smoke run of
+# the benchmarks follows the tests.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +50,18 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+
+# A short run of every benchmark, so that they cannot rot. Its numbers mean
+# nothing on a busy CI machine; it fails only when a benchmark breaks or a
+# QoS 1 run loses a message. A run with a test filter skips it.
+bench_status=0
+if [ "$#" -eq 0 ]; then
+    bash tests/bench/run.sh --smoke || bench_status=$?
+    if [ "$bench_status" -ne 0 ]; then
+        echo "run.sh: the benchmark smoke run failed with status $bench_status" >&2
+        status=1
+    fi
+fi
 
 # cargo prints one result line per test binary, and the last one is often a
 # crate without doc tests ("0 passed"). One total line says what ran.

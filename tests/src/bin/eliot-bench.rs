@@ -100,8 +100,28 @@ enum Command {
     },
 }
 
+/// Set when a QoS 1 measurement through Eliot lost a message, which the
+/// guarantees forbid; `main` then exits non-zero after printing the results.
+static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records a loss when fewer than `expected` of a QoS 1 measurement arrived.
+fn check_delivery(what: &str, qos: QoS, arrived: usize, expected: usize) {
+    if qos != QoS::AtMostOnce && arrived < expected {
+        eprintln!("LOST: {what}: {arrived} of {expected} messages arrived at QoS {}", qos as u8);
+        LOST.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn main() {
-    match Cli::parse().command {
+    run(Cli::parse().command);
+    if LOST.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("eliot-bench: a QoS 1 measurement lost messages (see LOST above)");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) {
+    match command {
         Command::Reload {
             eliot,
             rate,
@@ -640,6 +660,7 @@ fn throughput(eliot: &Path, total: usize, node_red: &Path) {
         println!("| bare rumqttc subscriber | {} | {received} of {total} | {rate:.0} |", qos as u8);
         let (written, eliot_rate) = eliot_rate(eliot, &runtime, &broker, total, qos);
         println!("| eliot, 3 Rust stages, file sink | {} | {written} of {total} | {eliot_rate:.0} |", qos as u8);
+        check_delivery("eliot throughput", qos, written, total);
         let red_rate = if node_red.exists() {
             let (written, red_rate) = node_red_rate(node_red, &runtime, broker.port(), total, qos);
             println!("| node-red, 3 function nodes, file node | {} | {written} of {total} | {red_rate:.0} |", qos as u8);
@@ -748,6 +769,7 @@ fn latency(eliot: &Path, burst: usize, seconds: Duration, max_inflight: u32) {
     let (dir, mut host) = start_example_chain(eliot, &broker, QoS::AtLeastOnce);
     let output = dir.path().join("out/processed.jsonl");
     let (written, max_rate) = rate_into_file(&runtime, broker.port(), burst, QoS::AtLeastOnce, &output);
+    check_delivery("eliot latency burst", QoS::AtLeastOnce, written, burst);
     let rate = (max_rate / 2.0).max(1.0) as u32;
     println!("Sustained rate: {max_rate:.0} messages/s ({written} of {burst}); measuring at {rate} messages/s for {} s.\n", seconds.as_secs());
 
@@ -793,6 +815,7 @@ fn latency(eliot: &Path, burst: usize, seconds: Duration, max_inflight: u32) {
 
     println!("| path at {rate} messages/s, QoS 1 | messages measured | p50 | p99 | max |");
     println!("|---|---|---|---|---|");
+    check_delivery("eliot latency stream", QoS::AtLeastOnce, eliot_latencies.len(), total);
     latency_row("eliot: publish to line in the file sink", total, eliot_latencies);
     latency_row("bare rumqttc subscriber: publish to receive", bare_total, bare);
 }
@@ -849,6 +872,7 @@ fn memory(eliot: &Path, messages: usize) {
         let (rss, _) = memory_of(host.pid());
         println!("| ready, warm compile cache | {rss:.1} MiB | |");
         let (written, rate) = rate_into_file(&runtime, broker.port(), messages, QoS::AtLeastOnce, &dir.path().join("out/processed.jsonl"));
+        check_delivery("eliot memory run", QoS::AtLeastOnce, written, messages);
         let (rss, peak) = memory_of(host.pid());
         println!("| after {written} of {messages} readings at {rate:.0}/s | {rss:.1} MiB | {peak:.1} MiB |");
         let status = host.terminate(Duration::from_secs(30));
