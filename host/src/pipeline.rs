@@ -1021,19 +1021,15 @@ async fn write_outputs(
     for sink in sinks {
         match &sink.target {
             SinkTarget::File(file) => {
-                let lines: Vec<serde_json::Value> = outputs
-                    .iter()
-                    .map(|message| {
-                        crate::sink::record_json(&Record {
+                write_through_breaker(pipeline, sink, || {
+                    let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                    outputs.iter().try_for_each(|message| {
+                        file.write_record(&Record {
                             pipeline,
                             message,
                             processed_by,
                         })
                     })
-                    .collect();
-                write_through_breaker(pipeline, sink, || {
-                    let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
-                    lines.iter().try_for_each(|line| file.write_json(line))
                 })
                 .await;
             }

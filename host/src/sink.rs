@@ -154,26 +154,55 @@ pub struct Record<'a> {
     pub processed_by: &'a [String],
 }
 
-/// Renders `record` as one JSON object: the payload is embedded as JSON when
-/// it parses as JSON, and as base64 otherwise.
-pub fn record_json(record: &Record<'_>) -> serde_json::Value {
+/// The fields of a file sink line before the payload.
+#[derive(serde::Serialize)]
+struct RecordHead<'a> {
+    pipeline: &'a str,
+    topic: &'a str,
+    received_at: String,
+    processed_by: &'a [String],
+    headers: &'a [(String, String)],
+}
+
+/// Writes `record` as one line of JSON: the pipeline, the topic, the
+/// receive time, the stage versions, the headers, and the payload last.
+///
+/// A payload that is valid JSON without line breaks is copied as it is:
+/// parsing it into a tree and writing it again cost about a tenth of the
+/// host's work per message (see tests/bench/BENCHMARKS.md). JSON spread
+/// over several lines is written again on one line, so that every record
+/// stays one line, and anything else goes under `payload_base64`.
+pub fn write_record(out: &mut impl Write, record: &Record<'_>) -> std::io::Result<()> {
     let message = record.message;
-    let mut object = serde_json::json!({
-        "pipeline": record.pipeline,
-        "topic": message.topic,
-        "received_at": crate::clock::rfc3339_ms(message.received_at_ms),
-        "processed_by": record.processed_by,
-        "headers": message.headers,
-    });
-    match serde_json::from_slice::<serde_json::Value>(&message.payload) {
-        Ok(payload) => object["payload"] = payload,
-        Err(_) => {
-            object["payload_base64"] = base64::engine::general_purpose::STANDARD
-                .encode(&message.payload)
-                .into();
-        }
+    let head = RecordHead {
+        pipeline: record.pipeline,
+        topic: &message.topic,
+        received_at: crate::clock::rfc3339_ms(message.received_at_ms),
+        processed_by: record.processed_by,
+        headers: &message.headers,
+    };
+    let mut line = serde_json::to_vec(&head)?;
+    // The head is a JSON object: take off its `}` and go on with the payload.
+    line.pop();
+    let payload = message.payload.trim_ascii();
+    // `IgnoredAny` checks the JSON syntax without building a tree, but not
+    // the UTF-8 inside strings, so the bytes are checked first.
+    let is_json = std::str::from_utf8(payload)
+        .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+    if is_json && !payload.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        line.extend_from_slice(b",\"payload\":");
+        line.extend_from_slice(payload);
+    } else if is_json {
+        let value: serde_json::Value = serde_json::from_slice(payload)?;
+        line.extend_from_slice(b",\"payload\":");
+        serde_json::to_writer(&mut line, &value)?;
+    } else {
+        line.extend_from_slice(b",\"payload_base64\":");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&message.payload);
+        serde_json::to_writer(&mut line, &encoded)?;
     }
-    object
+    line.extend_from_slice(b"}\n");
+    out.write_all(&line)
 }
 
 /// Appends JSON lines to a file through a buffer; [`FileSink::flush`]
@@ -243,15 +272,10 @@ impl FileSink {
         Ok(self.writer.as_mut().expect("the writer was just opened"))
     }
 
-    pub fn write_json(&mut self, value: &serde_json::Value) -> Result<(), SinkError> {
+    /// Appends `record` as one line; see [`write_record`].
+    pub fn write_record(&mut self, record: &Record<'_>) -> Result<(), SinkError> {
         let path = self.path.clone();
-        let io = |source| SinkError::Io {
-            path: path.clone(),
-            source,
-        };
-        let writer = self.writer()?;
-        serde_json::to_writer(&mut *writer, value).map_err(|e| io(e.into()))?;
-        writer.write_all(b"\n").map_err(io)
+        write_record(self.writer()?, record).map_err(|source| SinkError::Io { path, source })
     }
 
     pub fn flush(&mut self) -> Result<(), SinkError> {
@@ -658,5 +682,88 @@ impl Sink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .state()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wasm::Qos;
+
+    fn line_for(payload: &[u8]) -> String {
+        let message = Message {
+            topic: "devices/robot_001/telemetry".to_owned(),
+            payload: payload.to_vec(),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            received_at_ms: 1_749_133_800_000,
+            headers: vec![("device_id".to_owned(), "robot_001".to_owned())],
+        };
+        let processed_by = ["enrich@0.1.0".to_owned()];
+        let record = Record {
+            pipeline: "telemetry",
+            message: &message,
+            processed_by: &processed_by,
+        };
+        let mut out = Vec::new();
+        write_record(&mut out, &record).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn record_copies_one_line_json_payload() {
+        let line = line_for(br#"{"device_id": "robot_001", "data": {"t": 1.50}}"#);
+        assert_eq!(
+            line,
+            concat!(
+                r#"{"pipeline":"telemetry","topic":"devices/robot_001/telemetry","#,
+                r#""received_at":"2025-06-05T14:30:00Z","processed_by":["enrich@0.1.0"],"#,
+                r#""headers":[["device_id","robot_001"]],"#,
+                r#""payload":{"device_id": "robot_001", "data": {"t": 1.50}}}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn record_puts_multi_line_json_on_one_line() {
+        let line = line_for(b"{\n  \"a\": [1,\r\n 2]\n}\n");
+        assert!(line.ends_with("\"payload\":{\"a\":[1,2]}}\n"), "{line}");
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+    }
+
+    #[test]
+    fn record_trims_whitespace_around_json() {
+        let line = line_for(b"  [1, 2]\t ");
+        assert!(line.ends_with("\"payload\":[1, 2]}\n"), "{line}");
+    }
+
+    #[test]
+    fn record_encodes_other_payloads_as_base64() {
+        for (payload, encoded) in [
+            (&b"not json"[..], "bm90IGpzb24="),
+            (b"{\"a\": 1} trailing", "eyJhIjogMX0gdHJhaWxpbmc="),
+            (b"", ""),
+        ] {
+            let line = line_for(payload);
+            let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(record["payload_base64"], encoded, "{line}");
+            assert!(record.get("payload").is_none(), "{line}");
+        }
+    }
+
+    #[test]
+    fn record_encodes_json_with_invalid_utf8_as_base64() {
+        let line = line_for(b"{\"a\": \"\xff\"}");
+        let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record["payload_base64"], "eyJhIjogIv8ifQ==", "{line}");
+    }
+
+    #[test]
+    fn record_lines_parse_as_json() {
+        let line = line_for(br#"{"s": "a\nb"}"#);
+        let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record["payload"]["s"], "a\nb");
+        assert_eq!(record["processed_by"][0], "enrich@0.1.0");
     }
 }

@@ -15,8 +15,8 @@ use eliot::config::{Grants, PluginConfig, PluginLimits, StageBreakerConfig};
 use eliot::wasm::{LoadedPlugin, Message, Outcome, Qos, Runtime, StageInstance};
 use eliot_tests::plugins::{build_examples, build_versioned};
 
-/// A reading in the device message format, padded with a `note` field to
-/// `size` bytes.
+/// Builds a reading in the device message format, padded with a `note`
+/// field to `size` bytes.
 fn payload(size: usize) -> Vec<u8> {
     let head = r#"{"device_id": "robot_001", "timestamp": "2025-06-05T14:30:00Z", "sensor_type": "gps", "data": {"latitude": 37.7749, "longitude": -122.4194, "accuracy": 3.2}, "note": ""#;
     let tail = "\"}";

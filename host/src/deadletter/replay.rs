@@ -476,7 +476,7 @@ impl Replayer {
                         message,
                         processed_by: &delivery.processed_by,
                     };
-                    file.write_json(&crate::sink::record_json(&record))?;
+                    file.write_record(&record)?;
                     file.flush()?;
                 }
             }

@@ -71,6 +71,10 @@ enum Command {
         /// Length of the measured stream, in seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Measure at this many messages per second instead of half the
+        /// sustained rate.
+        #[arg(long)]
+        rate: Option<u32>,
         /// Mosquitto's `max_inflight_messages`: how many QoS 1 messages it
         /// sends a client before the client acknowledges them. 20 is
         /// Mosquitto's default.
@@ -133,8 +137,9 @@ fn run(command: Command) {
             eliot,
             burst,
             seconds,
+            rate,
             max_inflight,
-        } => latency(&eliot, burst, Duration::from_secs(seconds), max_inflight),
+        } => latency(&eliot, burst, Duration::from_secs(seconds), rate, max_inflight),
         Command::Memory { eliot, messages } => memory(&eliot, messages),
         Command::Throughput { eliot, messages, node_red } => throughput(&eliot, messages, &node_red),
     }
@@ -761,7 +766,7 @@ fn latency_row(name: &str, total: usize, mut values: Vec<Duration>) {
 /// measured reading's.
 const PROBE_SEQ: u64 = 1_000_000_000;
 
-fn latency(eliot: &Path, burst: usize, seconds: Duration, max_inflight: u32) {
+fn latency(eliot: &Path, burst: usize, seconds: Duration, fixed_rate: Option<u32>, max_inflight: u32) {
     assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
     let broker = Mosquitto::builder().max_queued_messages(0).max_inflight_messages(max_inflight).start();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -770,7 +775,7 @@ fn latency(eliot: &Path, burst: usize, seconds: Duration, max_inflight: u32) {
     let output = dir.path().join("out/processed.jsonl");
     let (written, max_rate) = rate_into_file(&runtime, broker.port(), burst, QoS::AtLeastOnce, &output);
     check_delivery("eliot latency burst", QoS::AtLeastOnce, written, burst);
-    let rate = (max_rate / 2.0).max(1.0) as u32;
+    let rate = fixed_rate.unwrap_or((max_rate / 2.0).max(1.0) as u32);
     println!("Sustained rate: {max_rate:.0} messages/s ({written} of {burst}); measuring at {rate} messages/s for {} s.\n", seconds.as_secs());
 
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
