@@ -536,6 +536,7 @@ async fn drive_republish(options: rumqttc::MqttOptions, client_id: String, share
     loop {
         let (client, mut eventloop) =
             rumqttc::AsyncClient::new(options.clone(), REPUBLISH_WINDOW + 1);
+        crate::source::set_tcp_nodelay(&mut eventloop);
         loop {
             let event = eventloop.poll().await;
             match on_republish_event(&shared, &client, &client_id, event) {

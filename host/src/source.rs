@@ -77,7 +77,20 @@ pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
     mqtt.set_max_packet_size(MQTT_MAX_PACKET, options.max_packet_bytes);
     mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
-    AsyncClient::new(mqtt, 1024)
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
+    set_tcp_nodelay(&mut eventloop);
+    (client, eventloop)
+}
+
+/// Turns off Nagle's algorithm on the event loop's connections (rumqttc
+/// leaves it on). With it on, a small PUBACK or PUBLISH written while an
+/// earlier segment is unacknowledged can wait for the peer's delayed ACK,
+/// up to 40 ms on Linux. The broker needs the same setting for messages it
+/// sends (Mosquitto: `set_tcp_nodelay true`).
+pub fn set_tcp_nodelay(eventloop: &mut EventLoop) {
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
 }
 
 /// Reads messages until `shutdown` turns true and returns the connection,
