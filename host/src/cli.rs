@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, SinkKind};
 use crate::host::Host;
+use crate::layers::Layers;
 use crate::simulate::{self, SimulateOptions};
 
 #[derive(Parser)]
@@ -260,8 +261,13 @@ async fn execute(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))
+/// Loads the base file at `path` with the overlay that `ELIOT_ENV` selects
+/// and the override variables, and logs which layers were applied.
+pub(crate) fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let config = Config::load_layered(path, &Layers::from_process())
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    tracing::info!(layers = %config.describe_layers(), "configuration loaded");
+    Ok(config)
 }
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -323,6 +329,7 @@ fn log_counts(
             records_out = stats.records_out,
             dropped = stats.dropped,
             dead_lettered = stats.dead_lettered,
+            device_key_missing = stats.device_key_missing,
             "pipeline counts"
         );
     }
@@ -353,26 +360,54 @@ impl StopSignals {
     }
 }
 
+/// Validates the layered configuration and loads every plugin it names,
+/// without connecting to a broker. Prints every problem, not only the
+/// first, and fails when there is one.
 async fn check(config_path: &Path) -> anyhow::Result<()> {
-    let config = load_config(config_path)?;
-    let runtime = crate::wasm::Runtime::new(&config.cache_dir)?;
-    let mut problems = Vec::new();
-    for plugin in config.plugins.values() {
-        match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
-            Ok(loaded) => println!(
-                "ok: plugin \"{}\" {} {}",
-                plugin.name, loaded.info.name, loaded.info.version
-            ),
-            Err(e) => problems.push(e.to_string()),
+    let layers = Layers::from_process();
+    let checked = Config::check_layered(config_path, &layers);
+    let mut problems: Vec<String> = checked.errors.iter().map(ToString::to_string).collect();
+    println!("base file: {}", config_path.display());
+    if let Some(overlay) = &checked.overlay {
+        println!("overlay: {}", overlay.display());
+    }
+    let names = layers.variable_names();
+    if !names.is_empty() {
+        println!("environment variables: {}", names.join(", "));
+    }
+
+    // Plugins whose entries validated are loaded even when other keys have
+    // problems, so that one run shows both kinds. A missing plugin file is
+    // already a configuration problem and is not loaded.
+    let cache_dir = checked.config.as_ref().map(|c| c.cache_dir.clone());
+    let plugins: Vec<_> = checked
+        .plugins
+        .values()
+        .filter(|plugin| plugin.path.is_file())
+        .cloned()
+        .collect();
+    if !plugins.is_empty() {
+        let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join("eliot-check-cache"));
+        let runtime = crate::wasm::Runtime::new(&cache_dir)?;
+        for plugin in &plugins {
+            match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
+                Ok(loaded) => println!(
+                    "ok: plugin \"{}\" is {} {}",
+                    plugin.name, loaded.info.name, loaded.info.version
+                ),
+                Err(e) => problems.push(format!("plugin \"{}\": {e}", plugin.name)),
+            }
         }
     }
+
     if problems.is_empty() {
-        println!("{}: configuration is valid", config_path.display());
+        println!("configuration is valid");
         Ok(())
     } else {
         anyhow::bail!(
-            "{} plugin(s) failed to load:\n  {}",
+            "{} problem{} found:\n  {}",
             problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
             problems.join("\n  ")
         )
     }
