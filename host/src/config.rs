@@ -543,7 +543,8 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
 
 /// Deserializes `table`, and on a problem removes the key at fault and
 /// tries again, so that one run reports every unknown key and bad value.
-/// Returns the configuration only when the table had no problem.
+/// Returns what deserializes once the faulty keys are gone; the caller
+/// treats it as invalid when `errors` is not empty.
 fn deserialize_all(
     mut table: toml::Table,
     origins: &Origins,
@@ -552,8 +553,9 @@ fn deserialize_all(
     let mut removed: Vec<String> = Vec::new();
     for _ in 0..MAX_SCHEMA_ERRORS {
         let e = match serde_path_to_error::deserialize::<_, RawConfig>(table.clone()) {
-            Ok(raw) if removed.is_empty() => return Some(raw),
-            Ok(_) => return None,
+            // With keys removed the configuration is not valid, but the
+            // rest of it is still checked for `eliot check`.
+            Ok(raw) => return Some(raw),
             Err(e) => e,
         };
         let key = match e.path().to_string() {
