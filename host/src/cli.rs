@@ -392,7 +392,7 @@ async fn check(config_path: &Path) -> anyhow::Result<()> {
         for plugin in &plugins {
             match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
                 Ok(loaded) => println!(
-                    "ok: plugin \"{}\" is {} {}",
+                    "ok: plugin \"{}\" {} {}",
                     plugin.name, loaded.info.name, loaded.info.version
                 ),
                 Err(e) => problems.push(format!("plugin \"{}\": {e}", plugin.name)),

@@ -374,7 +374,7 @@ pub struct PipelineConfig {
     pub workers: usize,
     pub stages: Vec<String>,
     pub sinks: Vec<String>,
-    /// Where the device id of a message is; messages of one device stay in
+    /// The source of a message's device id. Messages of one device stay in
     /// order on one worker.
     pub device_key: DeviceKey,
 }
@@ -475,9 +475,7 @@ impl Config {
         // Absolute paths keep log lines unambiguous, let the watcher find
         // the file from any folder, and are what wasmtime's cache requires.
         let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-        let mut checked = check_layers(&file, text, layers);
-        redact(&mut checked.errors, layers);
-        checked
+        check_layers(&file, text, layers)
     }
 
     /// Describes the layers this configuration was read from, with variable
@@ -513,7 +511,9 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
     let mut errors = layered.errors;
     let origins = layered.origins;
     let mut removed = Vec::new();
-    let Some(raw) = deserialize_all(layered.table, &origins, &mut errors, &mut removed) else {
+    let raw = deserialize_all(layered.table.clone(), &origins, &mut errors, &mut removed);
+    redact(&mut errors, layers, &layered.table);
+    let Some(raw) = raw else {
         return Checked {
             config: None,
             plugins: BTreeMap::new(),
@@ -533,13 +533,14 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
     }
     .validate(raw, file, layers, layered.overlay.clone());
     // A key removed for a schema problem leaves its table looking empty or
-    // incomplete; what the validator says about that table is the same
-    // problem again.
+    // incomplete, so a validator error about that table repeats the same
+    // problem.
     errors.extend(more.into_iter().filter(|error| {
         !removed
             .iter()
             .any(|key: &String| key.starts_with(&format!("{}.", error.key)) || *key == error.key)
     }));
+    redact(&mut errors, layers, &layered.table);
     let plugins = config.plugins.clone();
     Checked {
         config: errors.is_empty().then_some(config),
@@ -626,9 +627,15 @@ fn missing_field(message: &str) -> Option<&str> {
 }
 
 /// Replaces every secret value in the error texts, in case a check ever
-/// quotes one.
-fn redact(errors: &mut [ConfigError], layers: &Layers) {
-    for secret in layers.secrets() {
+/// quotes one: the secret variables, and `mqtt.password` when a file sets
+/// it.
+fn redact(errors: &mut [ConfigError], layers: &Layers, table: &toml::Table) {
+    let from_files = table
+        .get("mqtt")
+        .and_then(|mqtt| mqtt.get("password"))
+        .and_then(toml::Value::as_str);
+    let secrets = layers.secrets().into_iter().chain(from_files);
+    for secret in secrets.filter(|secret| !secret.is_empty()) {
         for error in errors.iter_mut() {
             error.problem = error.problem.replace(secret, "<redacted>");
             error.fix = error.fix.replace(secret, "<redacted>");
@@ -1571,5 +1578,26 @@ path = "out/processed.jsonl"
                 .collect();
             assert!(others.is_empty(), "{profile:?}: {others:#?}");
         }
+    }
+
+    #[test]
+    fn redact_removes_file_and_variable_secrets() {
+        let table: toml::Table = "[mqtt]\npassword = \"file-5ecret\"\n".parse().unwrap();
+        let mut errors = vec![ConfigError {
+            origin: Origin::File(PathBuf::from("eliot.toml")),
+            key: "mqtt.password".to_owned(),
+            problem: "\"file-5ecret\" and \"env-5ecret\" are quoted".to_owned(),
+            fix: "not env-5ecret".to_owned(),
+        }];
+        redact(
+            &mut errors,
+            &layers(None, &[("MQTT_PASSWORD", "env-5ecret")]),
+            &table,
+        );
+        assert_eq!(
+            errors[0].problem,
+            "\"<redacted>\" and \"<redacted>\" are quoted"
+        );
+        assert_eq!(errors[0].fix, "not <redacted>");
     }
 }

@@ -128,8 +128,8 @@ impl fmt::Display for MissingKey {
     }
 }
 
-/// Takes the device id of a message with `topic` and `payload` as `key`
-/// says. With [`DeviceKey::Topic`] the id is the whole topic.
+/// Extracts the device id of a message with `topic` and `payload` as `key`
+/// defines it. With [`DeviceKey::Topic`] the id is the whole topic.
 ///
 /// # Errors
 ///

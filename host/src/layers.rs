@@ -1,6 +1,6 @@
 //! Configuration layers: the base file, then the overlay that `ELIOT_ENV`
 //! chooses, then environment variables, merged into one TOML table before
-//! the schema sees it.
+//! the schema is checked.
 //!
 //! The merge remembers where every key came from, so that an error names
 //! the file or the variable that set the bad value, not only the base file.
@@ -24,7 +24,7 @@ pub const PROFILES: [&str; 2] = ["dev", "prod"];
 /// or the password, in bytes.
 const MQTT_MAX_STRING_BYTES: usize = 65_535;
 
-/// What an environment variable overrides.
+/// The configuration key an environment variable overrides.
 #[derive(Debug, Clone, Copy)]
 enum Target {
     /// The host part of `mqtt.broker`.
@@ -79,7 +79,8 @@ const VARIABLES: [(&str, Target); 7] = [
     ),
 ];
 
-/// The names of the environment variables that override configuration keys.
+/// Returns the names of the environment variables that override
+/// configuration keys.
 pub fn variable_names() -> impl Iterator<Item = &'static str> {
     VARIABLES.iter().map(|(name, _)| *name)
 }
@@ -146,7 +147,7 @@ impl fmt::Debug for Layers {
     }
 }
 
-/// Where a configuration value came from.
+/// The source of a configuration value: a file or environment variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     File(PathBuf),
@@ -448,7 +449,7 @@ fn apply_broker(
             return;
         }
     };
-    // An IPv6 address needs brackets to be told apart from the port.
+    // An IPv6 address needs brackets to keep its colons apart from the port.
     let address = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
@@ -695,6 +696,7 @@ mod tests {
             Some("a"),
             "other keys stay"
         );
+
         assert_eq!(
             layered.origins.of("mqtt.tls.ca_file"),
             Origin::Variables(vec!["MQTT_CA_FILE"])

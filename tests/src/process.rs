@@ -35,8 +35,8 @@ impl HostProcess {
     pub fn start_with_env(binary: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let stderr = File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut command = Command::new(binary);
-        // Only the layers the test asks for: none inherited from the shell
-        // that runs the tests.
+        // Only the layers the test passes in `env`, none inherited from the
+        // shell that runs the tests.
         for name in std::iter::once(eliot::layers::PROFILE_VARIABLE).chain(eliot::layers::variable_names()) {
             command.env_remove(name);
         }
