@@ -379,16 +379,16 @@ async fn check(config_path: &Path) -> anyhow::Result<()> {
     // Plugins whose entries validated are loaded even when other keys have
     // problems, so that one run shows both kinds. A missing plugin file is
     // already a configuration problem and is not loaded.
-    let cache_dir = checked.config.as_ref().map(|c| c.cache_dir.clone());
     let plugins: Vec<_> = checked
         .plugins
         .values()
         .filter(|plugin| plugin.path.is_file())
         .cloned()
         .collect();
-    if !plugins.is_empty() {
-        let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join("eliot-check-cache"));
-        let runtime = crate::wasm::Runtime::new(&cache_dir)?;
+    // Plugins are known only when the schema check passed, and then the
+    // cache folder is known too.
+    if let (false, Some(cache_dir)) = (plugins.is_empty(), &checked.cache_dir) {
+        let runtime = crate::wasm::Runtime::new(cache_dir)?;
         for plugin in &plugins {
             match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
                 Ok(loaded) => println!(
@@ -529,14 +529,14 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
     Ok(())
 }
 
-/// Reads `runtime.plugin_dir` from the config file without validating the
-/// rest, which needs the plugins to exist.
+/// Reads `runtime.plugin_dir` from the configuration layers without
+/// validating the rest, which needs the plugins to exist.
 fn plugin_dir_of(config_path: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("cannot read {}; pass --config", config_path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("{} is not valid TOML", config_path.display()))?;
+    let table = crate::layers::apply(config_path, &text, &Layers::from_process())
+        .map_err(|errors| anyhow::anyhow!("{}", crate::config::ConfigErrors(errors)))?
+        .table;
     let base = config_path.parent().unwrap_or(Path::new(""));
     let dir = table
         .get("runtime")

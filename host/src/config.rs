@@ -410,6 +410,9 @@ pub struct Checked {
     pub errors: Vec<ConfigError>,
     /// The overlay file applied, if any.
     pub overlay: Option<PathBuf>,
+    /// `runtime.cache_dir` resolved, when the schema check passed, even if
+    /// other keys have problems.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Most schema problems reported at once. Each one costs a new pass over
@@ -466,6 +469,7 @@ impl Config {
                     fix: "check the path given with --config".to_owned(),
                 }],
                 overlay: None,
+                cache_dir: None,
             },
         }
     }
@@ -505,6 +509,7 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
                 plugins: BTreeMap::new(),
                 errors,
                 overlay: None,
+                cache_dir: None,
             }
         }
     };
@@ -519,6 +524,7 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
             plugins: BTreeMap::new(),
             errors,
             overlay: layered.overlay,
+            cache_dir: None,
         };
     };
 
@@ -542,11 +548,13 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
     }));
     redact(&mut errors, layers, &layered.table);
     let plugins = config.plugins.clone();
+    let cache_dir = Some(config.cache_dir.clone());
     Checked {
         config: errors.is_empty().then_some(config),
         plugins,
         errors,
         overlay: layered.overlay,
+        cache_dir,
     }
 }
 
