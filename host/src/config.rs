@@ -1486,14 +1486,20 @@ path = "out/processed.jsonl"
     fn variable_value_error_names_variable() {
         // A key the variable sets is reported as the variable's, not the
         // base file's.
-        let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_HOST", "bad host")]));
-        let errors = error_texts(&checked);
-        assert_eq!(errors.len(), 1, "{errors:#?}");
-        assert!(
-            errors[0].starts_with("environment variable MQTT_BROKER_HOST: key `mqtt.broker`: \"bad host\" is not a host name"),
-            "{}",
-            errors[0]
-        );
+        for value in ["bad host", "mqtt.example.net:1883", "a/b"] {
+            let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_HOST", value)]));
+            let errors = error_texts(&checked);
+            assert_eq!(errors.len(), 1, "{errors:#?}");
+            assert!(
+                errors[0].starts_with(&format!(
+                    "environment variable MQTT_BROKER_HOST: key `mqtt.broker`: \"{value}\" is not a host name"
+                )),
+                "{}",
+                errors[0]
+            );
+        }
+        let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_HOST", "[fe80::1]")]));
+        assert_eq!(checked.config.unwrap().mqtt.broker, "[fe80::1]:1883");
     }
 
     #[test]

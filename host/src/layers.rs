@@ -410,7 +410,11 @@ fn apply_broker(
         }
     }
     if let Some(text) = host {
-        if text.chars().any(|c| c.is_whitespace() || c == '/') {
+        // A colon is allowed only inside an IPv6 address, so that a
+        // "host:port" value is not taken for one.
+        let bare = text.trim_start_matches('[').trim_end_matches(']');
+        let bad_colon = text.contains(':') && bare.parse::<std::net::Ipv6Addr>().is_err();
+        if bad_colon || text.chars().any(|c| c.is_whitespace() || c == '/') {
             errors.push(variable_error(
                 "MQTT_BROKER_HOST",
                 &key,
