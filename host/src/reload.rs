@@ -838,7 +838,7 @@ path = "out/processed.jsonl"
     #[test]
     fn connection_and_routing_changes_need_restart() {
         type Edit = fn(&str) -> String;
-        let cases: [(&str, Edit); 4] = [
+        let cases: [(&str, Edit); 5] = [
             ("mqtt", |t| {
                 t.replace("client_id = \"eliot\"", "client_id = \"other\"")
             }),
@@ -850,6 +850,12 @@ path = "out/processed.jsonl"
             }),
             ("pipelines.telemetry.workers", |t| {
                 t.replace("sinks = [\"file\"]", "sinks = [\"file\"]\nworkers = 4")
+            }),
+            ("pipelines.telemetry.device_key", |t| {
+                t.replace(
+                    "sinks = [\"file\"]",
+                    "sinks = [\"file\"]\ndevice_key = { payload = \"id\" }",
+                )
             }),
         ];
         for (key, edit) in cases {

@@ -345,6 +345,8 @@ fn route(
     for pipeline in matching {
         let mut message = message.clone();
         let key = &pipeline.config.device_key;
+        // NOTE: a payload key parses each message's JSON here, on the one
+        // source task, before a worker has it; its cost was not measured.
         let worker = match crate::device::device_id(key, &publish.topic, &message.payload) {
             Ok(id) => {
                 if key.names_device() {
