@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, SinkKind};
 use crate::host::Host;
+use crate::layers::Layers;
 use crate::simulate::{self, SimulateOptions};
 
 #[derive(Parser)]
@@ -260,8 +261,13 @@ async fn execute(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))
+/// Loads the base file at `path` with the overlay that `ELIOT_ENV` selects
+/// and the override variables, and logs which layers were applied.
+pub(crate) fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let config = Config::load_layered(path, &Layers::from_process())
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    tracing::info!(layers = %config.describe_layers(), "configuration loaded");
+    Ok(config)
 }
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -323,6 +329,7 @@ fn log_counts(
             records_out = stats.records_out,
             dropped = stats.dropped,
             dead_lettered = stats.dead_lettered,
+            device_key_missing = stats.device_key_missing,
             "pipeline counts"
         );
     }
@@ -353,26 +360,54 @@ impl StopSignals {
     }
 }
 
+/// Validates the layered configuration and loads every plugin it names,
+/// without connecting to a broker. Prints every problem, not only the
+/// first, and fails when there is one.
 async fn check(config_path: &Path) -> anyhow::Result<()> {
-    let config = load_config(config_path)?;
-    let runtime = crate::wasm::Runtime::new(&config.cache_dir)?;
-    let mut problems = Vec::new();
-    for plugin in config.plugins.values() {
-        match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
-            Ok(loaded) => println!(
-                "ok: plugin \"{}\" {} {}",
-                plugin.name, loaded.info.name, loaded.info.version
-            ),
-            Err(e) => problems.push(e.to_string()),
+    let layers = Layers::from_process();
+    let checked = Config::check_layered(config_path, &layers);
+    let mut problems: Vec<String> = checked.errors.iter().map(ToString::to_string).collect();
+    println!("base file: {}", config_path.display());
+    if let Some(overlay) = &checked.overlay {
+        println!("overlay: {}", overlay.display());
+    }
+    let names = layers.variable_names();
+    if !names.is_empty() {
+        println!("environment variables: {}", names.join(", "));
+    }
+
+    // Plugins whose entries validated are loaded even when other keys have
+    // problems, so that one run shows both kinds. A missing plugin file is
+    // already a configuration problem and is not loaded.
+    let plugins: Vec<_> = checked
+        .plugins
+        .values()
+        .filter(|plugin| plugin.path.is_file())
+        .cloned()
+        .collect();
+    // Plugins are known only when the schema check passed, and then the
+    // cache folder is known too.
+    if let (false, Some(cache_dir)) = (plugins.is_empty(), &checked.cache_dir) {
+        let runtime = crate::wasm::Runtime::new(cache_dir)?;
+        for plugin in &plugins {
+            match crate::wasm::LoadedPlugin::load(&runtime, plugin) {
+                Ok(loaded) => println!(
+                    "ok: plugin \"{}\" {} {}",
+                    plugin.name, loaded.info.name, loaded.info.version
+                ),
+                Err(e) => problems.push(format!("plugin \"{}\": {e}", plugin.name)),
+            }
         }
     }
+
     if problems.is_empty() {
-        println!("{}: configuration is valid", config_path.display());
+        println!("configuration is valid");
         Ok(())
     } else {
         anyhow::bail!(
-            "{} plugin(s) failed to load:\n  {}",
+            "{} problem{} found:\n  {}",
             problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
             problems.join("\n  ")
         )
     }
@@ -494,14 +529,14 @@ async fn demo(config_path: &Path, rate: u32, limit: Option<usize>) -> anyhow::Re
     Ok(())
 }
 
-/// Reads `runtime.plugin_dir` from the config file without validating the
-/// rest, which needs the plugins to exist.
+/// Reads `runtime.plugin_dir` from the configuration layers without
+/// validating the rest, which needs the plugins to exist.
 fn plugin_dir_of(config_path: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("cannot read {}; pass --config", config_path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("{} is not valid TOML", config_path.display()))?;
+    let table = crate::layers::apply(config_path, &text, &Layers::from_process())
+        .map_err(|errors| anyhow::anyhow!("{}", crate::config::ConfigErrors(errors)))?
+        .table;
     let base = config_path.parent().unwrap_or(Path::new(""));
     let dir = table
         .get("runtime")

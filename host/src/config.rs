@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::device::DeviceKey;
+use crate::layers::{Layers, Origin, Origins};
 use crate::topic::{self, TopicFilter};
 
-/// A problem with the configuration, tied to one key of one file.
+/// A problem with the configuration, tied to one key of one layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub file: PathBuf,
+    /// The file or the environment variable that set the key.
+    pub origin: Origin,
     /// Dotted key path, for example `pipelines.telemetry.stages`.
     pub key: String,
     pub problem: String,
@@ -26,15 +29,12 @@ impl fmt::Display for ConfigError {
         write!(
             f,
             "{}: key `{}`: {}; {}",
-            self.file.display(),
-            self.key,
-            self.problem,
-            self.fix
+            self.origin, self.key, self.problem, self.fix
         )
     }
 }
 
-/// Every problem found in one configuration file.
+/// Every problem found in the configuration layers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
@@ -289,6 +289,16 @@ struct RawPipelineConfig {
     workers: usize,
     stages: Vec<String>,
     sinks: Vec<String>,
+    device_key: Option<RawDeviceKey>,
+}
+
+/// `device_key = { topic = "devices/{device_id}/telemetry" }` or
+/// `device_key = { payload = "device_id" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeviceKey {
+    topic: Option<String>,
+    payload: Option<String>,
 }
 
 fn default_qos() -> u8 {
@@ -322,7 +332,12 @@ enum RawSinkConfig {
 /// the file it came from.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The base file, absolute.
     pub file: PathBuf,
+    /// The overlay applied over the base file, absolute.
+    pub overlay: Option<PathBuf>,
+    /// The layers applied, kept so that a reload applies the same ones.
+    pub layers: Layers,
     pub mqtt: MqttConfig,
     pub embedded_broker: EmbeddedBrokerConfig,
     pub plugin_dir: PathBuf,
@@ -359,6 +374,9 @@ pub struct PipelineConfig {
     pub workers: usize,
     pub stages: Vec<String>,
     pub sinks: Vec<String>,
+    /// The source of a message's device id. Messages of one device stay in
+    /// order on one worker.
+    pub device_key: DeviceKey,
 }
 
 /// Where a pipeline's results go, and the sink's breaker.
@@ -381,8 +399,29 @@ pub enum SinkKind {
     },
 }
 
+/// The result of validating every layer: the configuration when there is
+/// no problem, and every problem found otherwise.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Option<Config>,
+    /// The plugin entries that validated, even when other keys did not, so
+    /// that `eliot check` can try to load them.
+    pub plugins: BTreeMap<String, PluginConfig>,
+    pub errors: Vec<ConfigError>,
+    /// The overlay file applied, if any.
+    pub overlay: Option<PathBuf>,
+    /// `runtime.cache_dir` resolved, when the schema check passed, even if
+    /// other keys have problems.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Most schema problems reported at once. Each one costs a new pass over
+/// the table, and past this many the rest of the file is likely as wrong.
+const MAX_SCHEMA_ERRORS: usize = 50;
+
 impl Config {
-    /// Reads and validates the configuration file at `path`.
+    /// Reads and validates the configuration file at `path` alone, without
+    /// an overlay or environment variables.
     ///
     /// # Errors
     ///
@@ -390,15 +429,19 @@ impl Config {
     /// missing keys, bad values, references to undefined plugins or sinks,
     /// plugin files that do not exist.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.to_owned(),
-                key: "(file)".to_owned(),
-                problem: format!("cannot read the file: {e}"),
-                fix: "check the path given with --config".to_owned(),
-            }])
-        })?;
-        Self::parse(path, &text)
+        Self::load_layered(path, &Layers::default())
+    }
+
+    /// Reads the base file at `path`, applies `layers` over it and validates
+    /// the result.
+    ///
+    /// # Errors
+    ///
+    /// See [`Config::load`]; besides, an unknown `ELIOT_ENV` value, a missing
+    /// overlay file and bad override variables.
+    pub fn load_layered(path: &Path, layers: &Layers) -> Result<Self, ConfigErrors> {
+        let checked = Self::check_layered(path, layers);
+        checked.config.ok_or(ConfigErrors(checked.errors))
     }
 
     /// Validates configuration `text` as if it were read from `path`.
@@ -407,69 +450,211 @@ impl Config {
     ///
     /// See [`Config::load`].
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
-        let raw = parse_raw(path, text).map_err(|e| ConfigErrors(vec![e]))?;
-        // Absolute paths keep log lines unambiguous and are what wasmtime's
-        // cache requires.
-        let base = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let base = std::path::absolute(&base).unwrap_or(base);
-        Validator {
-            file: path,
-            base: &base,
-            errors: Vec::new(),
+        let checked = Self::check_text(path, text, &Layers::default());
+        checked.config.ok_or(ConfigErrors(checked.errors))
+    }
+
+    /// Reads the base file at `path`, applies `layers` and validates the
+    /// result, collecting every problem instead of stopping at the first.
+    pub fn check_layered(path: &Path, layers: &Layers) -> Checked {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::check_text(path, &text, layers),
+            Err(e) => Checked {
+                config: None,
+                plugins: BTreeMap::new(),
+                errors: vec![ConfigError {
+                    origin: Origin::File(path.to_owned()),
+                    key: "(file)".to_owned(),
+                    problem: format!("cannot read the file: {e}"),
+                    fix: "check the path given with --config".to_owned(),
+                }],
+                overlay: None,
+                cache_dir: None,
+            },
         }
-        .validate(raw)
+    }
+
+    /// Validates `text` as the base file at `path`, with `layers` over it.
+    pub fn check_text(path: &Path, text: &str, layers: &Layers) -> Checked {
+        // Absolute paths keep log lines unambiguous, let the watcher find
+        // the file from any folder, and are what wasmtime's cache requires.
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        check_layers(&file, text, layers)
+    }
+
+    /// Describes the layers this configuration was read from, with variable
+    /// names and never their values, for the start-up log.
+    pub fn describe_layers(&self) -> String {
+        let mut text = self.file.display().to_string();
+        if let Some(overlay) = &self.overlay {
+            text.push_str(&format!(", then {}", overlay.display()));
+        }
+        let names = self.layers.variable_names();
+        if !names.is_empty() {
+            text.push_str(&format!(
+                ", then the environment variables {}",
+                names.join(", ")
+            ));
+        }
+        text
     }
 }
 
-fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        key: "(syntax)".to_owned(),
-        problem: format!("invalid TOML: {}", one_line(&e.to_string())),
-        fix: "correct the syntax at the position shown".to_owned(),
-    })?;
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
+    let layered = match crate::layers::apply(file, text, layers) {
+        Ok(layered) => layered,
+        Err(errors) => {
+            return Checked {
+                config: None,
+                plugins: BTreeMap::new(),
+                errors,
+                overlay: None,
+                cache_dir: None,
+            }
+        }
+    };
+    let mut errors = layered.errors;
+    let origins = layered.origins;
+    let mut removed = Vec::new();
+    let raw = deserialize_all(layered.table.clone(), &origins, &mut errors, &mut removed);
+    redact(&mut errors, layers, &layered.table);
+    let Some(raw) = raw else {
+        return Checked {
+            config: None,
+            plugins: BTreeMap::new(),
+            errors,
+            overlay: layered.overlay,
+            cache_dir: None,
+        };
+    };
+
+    let base = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let (config, more) = Validator {
+        origins: &origins,
+        base: &base,
+        errors: Vec::new(),
+    }
+    .validate(raw, file, layers, layered.overlay.clone());
+    // A key removed for a schema problem leaves its table looking empty or
+    // incomplete, so a validator error about that table repeats the same
+    // problem.
+    errors.extend(more.into_iter().filter(|error| {
+        !removed
+            .iter()
+            .any(|key: &String| key.starts_with(&format!("{}.", error.key)) || *key == error.key)
+    }));
+    redact(&mut errors, layers, &layered.table);
+    let plugins = config.plugins.clone();
+    let cache_dir = Some(config.cache_dir.clone());
+    Checked {
+        config: errors.is_empty().then_some(config),
+        plugins,
+        errors,
+        overlay: layered.overlay,
+        cache_dir,
+    }
+}
+
+/// Deserializes `table`, and on a problem removes the key at fault and
+/// tries again, so that one run reports every unknown key and bad value.
+/// Returns what deserializes once the faulty keys, listed in `removed`,
+/// are gone; the caller treats it as invalid when `errors` is not empty.
+fn deserialize_all(
+    mut table: toml::Table,
+    origins: &Origins,
+    errors: &mut Vec<ConfigError>,
+    removed: &mut Vec<String>,
+) -> Option<RawConfig> {
+    for _ in 0..MAX_SCHEMA_ERRORS {
+        let e = match serde_path_to_error::deserialize::<_, RawConfig>(table.clone()) {
+            // With keys removed the configuration is not valid, but the
+            // rest of it is still checked for `eliot check`.
+            Ok(raw) => return Some(raw),
+            Err(e) => e,
+        };
         let key = match e.path().to_string() {
             // serde_path_to_error names the top level ".".
-            path if path == "." => "(top level)".to_owned(),
+            path if path == "." => String::new(),
             path => path,
         };
-        let inner = e.into_inner();
-        let message = inner.message().to_owned();
-        let location = inner
-            .span()
-            .map(|span| format!(" (line {})", line_of(text, span.start)))
+        let message = e.into_inner().message().to_owned();
+
+        // A required key removed on an earlier pass is now missing: that
+        // is the same problem again.
+        if let Some(field) = missing_field(&message) {
+            let full = if key.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{key}.{field}")
+            };
+            if removed.contains(&full) {
+                return None;
+            }
+        }
+
+        let location = origins
+            .line_of(&key)
+            .map(|line| format!(" (line {line})"))
             .unwrap_or_default();
         let fix = if message.starts_with("unknown field") {
-            "remove the key or correct its spelling".to_owned()
+            "remove the key or correct its spelling"
         } else if message.starts_with("missing field") {
-            "add the key".to_owned()
+            "add the key"
         } else {
-            "correct the value".to_owned()
+            "correct the value"
         };
-        ConfigError {
-            file: path.to_owned(),
-            key,
+        errors.push(ConfigError {
+            origin: origins.of(&key),
+            key: if key.is_empty() {
+                "(top level)".to_owned()
+            } else {
+                key.clone()
+            },
             problem: format!("{message}{location}"),
-            fix,
+            fix: fix.to_owned(),
+        });
+
+        // A missing key cannot be removed, and nothing past it is found.
+        if key.is_empty()
+            || message.starts_with("missing field")
+            || !crate::layers::remove_key(&mut table, &key)
+        {
+            return None;
         }
-    })
+        removed.push(key);
+    }
+    None
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// Returns `X` of serde's "missing field `X`".
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// Replaces every secret value in the error texts, in case a check ever
+/// quotes one: the secret variables, and `mqtt.password` when a file sets
+/// it.
+fn redact(errors: &mut [ConfigError], layers: &Layers, table: &toml::Table) {
+    let from_files = table
+        .get("mqtt")
+        .and_then(|mqtt| mqtt.get("password"))
+        .and_then(toml::Value::as_str);
+    let secrets = layers.secrets().into_iter().chain(from_files);
+    for secret in secrets.filter(|secret| !secret.is_empty()) {
+        for error in errors.iter_mut() {
+            error.problem = error.problem.replace(secret, "<redacted>");
+            error.fix = error.fix.replace(secret, "<redacted>");
+        }
+    }
 }
 
-/// Collects every problem of one file instead of stopping at the first.
+/// Collects every problem of the merged layers instead of stopping at the
+/// first.
 struct Validator<'a> {
-    file: &'a Path,
+    origins: &'a Origins,
     base: &'a Path,
     errors: Vec<ConfigError>,
 }
@@ -481,10 +666,10 @@ impl Validator<'_> {
         problem: impl Into<String>,
         fix: impl Into<String>,
     ) {
+        let key = key.into();
         self.errors.push(ConfigError {
-            // Absolute, so that the watcher finds the file from any folder.
-            file: std::path::absolute(self.file).unwrap_or_else(|_| self.file.to_owned()),
-            key: key.into(),
+            origin: self.origins.of(&key),
+            key,
             problem: problem.into(),
             fix: fix.into(),
         });
@@ -510,7 +695,69 @@ impl Validator<'_> {
         }
     }
 
-    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
+    fn device_key(&mut self, pipeline: &str, raw: Option<RawDeviceKey>) -> DeviceKey {
+        let key = format!("pipelines.{pipeline}.device_key");
+        let both = "write device_key = { topic = \"devices/{device_id}/telemetry\" } or device_key = { payload = \"device_id\" }";
+        match raw {
+            None => DeviceKey::Topic,
+            Some(RawDeviceKey {
+                topic: Some(pattern),
+                payload: None,
+            }) => match crate::device::TopicPattern::parse(&pattern) {
+                Ok(pattern) => DeviceKey::TopicPattern(pattern),
+                Err(problem) => {
+                    self.error(
+                        format!("{key}.topic"),
+                        format!("invalid device key pattern: {problem}"),
+                        "write the topic with {device_id} as the device's level, for example \"devices/{device_id}/telemetry\"",
+                    );
+                    DeviceKey::Topic
+                }
+            },
+            Some(RawDeviceKey {
+                topic: None,
+                payload: Some(field),
+            }) => {
+                if field.is_empty() {
+                    self.error(
+                        format!("{key}.payload"),
+                        "the field name is empty",
+                        "name a top-level field of the JSON payload, for example \"device_id\"",
+                    );
+                }
+                DeviceKey::PayloadField(field)
+            }
+            Some(RawDeviceKey {
+                topic: Some(_),
+                payload: Some(_),
+            }) => {
+                self.error(
+                    key,
+                    "both topic and payload are set",
+                    format!("keep one: {both}"),
+                );
+                DeviceKey::Topic
+            }
+            Some(RawDeviceKey {
+                topic: None,
+                payload: None,
+            }) => {
+                self.error(key, "neither topic nor payload is set", both);
+                DeviceKey::Topic
+            }
+        }
+    }
+
+    /// Validates `raw` and returns the configuration with every problem
+    /// found. The configuration is complete but only valid when there is no
+    /// problem.
+    fn validate(
+        mut self,
+        raw: RawConfig,
+        file: &Path,
+        layers: &Layers,
+        overlay: Option<PathBuf>,
+    ) -> (Config, Vec<ConfigError>) {
         // First pass: values that stand alone.
         if raw.mqtt.broker != "embedded" && crate::broker::parse_address(&raw.mqtt.broker).is_none()
         {
@@ -741,6 +988,7 @@ impl Validator<'_> {
                     );
                 }
             }
+            let device_key = self.device_key(&name, pipeline.device_key);
             pipelines.insert(
                 name.clone(),
                 PipelineConfig {
@@ -750,16 +998,15 @@ impl Validator<'_> {
                     workers: pipeline.workers,
                     stages: pipeline.stages,
                     sinks: pipeline.sinks,
+                    device_key,
                 },
             );
         }
 
-        if !self.errors.is_empty() {
-            return Err(ConfigErrors(self.errors));
-        }
-        Ok(Config {
-            // Absolute, so that the watcher finds the file from any folder.
-            file: std::path::absolute(self.file).unwrap_or_else(|_| self.file.to_owned()),
+        let config = Config {
+            file: file.to_owned(),
+            overlay,
+            layers: layers.clone(),
             mqtt: raw.mqtt,
             embedded_broker: raw.embedded_broker,
             plugin_dir,
@@ -769,7 +1016,8 @@ impl Validator<'_> {
             plugins,
             pipelines,
             sinks,
-        })
+        };
+        (config, self.errors)
     }
 }
 
@@ -861,7 +1109,7 @@ path = "out/processed.jsonl"
             errors[0],
             format!(
                 "{}: key `pipelines.telemetry.stagez`: unknown field `stagez`, expected one of \
-                 `topics`, `qos`, `workers`, `stages`, `sinks` (line 18); remove the key or correct its spelling",
+                 `topics`, `qos`, `workers`, `stages`, `sinks`, `device_key` (line 18); remove the key or correct its spelling",
                 file.display()
             )
         );
@@ -1015,5 +1263,355 @@ path = "out/processed.jsonl"
             "{}",
             errors[0]
         );
+    }
+
+    fn layers(profile: Option<&str>, variables: &[(&str, &str)]) -> Layers {
+        Layers {
+            profile: profile.map(str::to_owned),
+            variables: variables
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+        }
+    }
+
+    /// Writes VALID as the base file and `overlay` as `dev.toml` beside it,
+    /// and checks them with `layers`.
+    fn check_with(overlay: &str, layers: &Layers) -> (tempfile::TempDir, Checked) {
+        let (dir, file) = setup();
+        std::fs::write(&file, VALID).unwrap();
+        std::fs::write(dir.path().join("dev.toml"), overlay).unwrap();
+        let checked = Config::check_layered(&file, layers);
+        (dir, checked)
+    }
+
+    fn error_texts(checked: &Checked) -> Vec<String> {
+        checked.errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn overlay_merges_tables_key_by_key() {
+        let overlay = "[mqtt]\nclient_id = \"eliot-dev\"\n\n[pipelines.telemetry]\nworkers = 4\ntopics = [\"dev/#\"]\n";
+        let (dir, checked) = check_with(overlay, &layers(Some("dev"), &[]));
+        let config = checked
+            .config
+            .unwrap_or_else(|| panic!("{:#?}", checked.errors));
+        assert_eq!(config.mqtt.client_id, "eliot-dev");
+        assert_eq!(
+            config.mqtt.broker, "127.0.0.1:1883",
+            "kept from the base file"
+        );
+        let pipeline = &config.pipelines["telemetry"];
+        assert_eq!(pipeline.workers, 4);
+        assert_eq!(pipeline.stages, vec!["enrich"], "kept from the base file");
+        let topics: Vec<&str> = pipeline.topics.iter().map(TopicFilter::as_str).collect();
+        assert_eq!(
+            topics,
+            vec!["dev/#"],
+            "an array replaces, it does not append"
+        );
+        let overlay_path = std::path::absolute(dir.path().join("dev.toml")).unwrap();
+        assert_eq!(config.overlay.as_deref(), Some(overlay_path.as_path()));
+        assert!(config
+            .describe_layers()
+            .ends_with(&format!(", then {}", overlay_path.display())));
+    }
+
+    #[test]
+    fn overlay_unknown_key_names_overlay_file_and_line() {
+        let overlay = "# dev settings\n[pipelines.telemetry]\nworkerz = 4\n";
+        let (dir, checked) = check_with(overlay, &layers(Some("dev"), &[]));
+        let overlay_path = std::path::absolute(dir.path().join("dev.toml")).unwrap();
+        let errors = error_texts(&checked);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with(&format!(
+                "{}: key `pipelines.telemetry.workerz`: unknown field `workerz`",
+                overlay_path.display()
+            )),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[0].ends_with("(line 3); remove the key or correct its spelling"),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn overlay_bad_value_names_overlay_file() {
+        let (dir, checked) = check_with(
+            "[pipelines.telemetry]\nworkers = 0\n",
+            &layers(Some("dev"), &[]),
+        );
+        let overlay_path = std::path::absolute(dir.path().join("dev.toml")).unwrap();
+        assert_eq!(
+            error_texts(&checked),
+            vec![format!(
+                "{}: key `pipelines.telemetry.workers`: 0 workers is outside 1..=1024; \
+                 use about one worker per core; each worker holds an instance of every stage",
+                overlay_path.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn unknown_profile_lists_overlays() {
+        let (dir, checked) = check_with("", &layers(Some("staging"), &[]));
+        let folder = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(
+            error_texts(&checked),
+            vec![format!(
+                "environment variable ELIOT_ENV: key `(overlay)`: \"staging\" is not a known environment; \
+                 files in {}: dev.toml; set ELIOT_ENV to dev or prod or unset it",
+                folder.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn missing_overlay_names_value_and_files() {
+        let (dir, checked) = check_with("", &layers(Some("prod"), &[]));
+        let folder = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(
+            error_texts(&checked),
+            vec![format!(
+                "environment variable ELIOT_ENV: key `(overlay)`: ELIOT_ENV=prod selects {}, which does not exist; \
+                 files in {}: dev.toml; create prod.toml next to the base file, or unset ELIOT_ENV",
+                folder.join("prod.toml").display(),
+                folder.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported() {
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                "client_id = \"eliot-test\"\nbrokr = \"x\"",
+            )
+            .replace(
+                "stages = [\"enrich\"]",
+                "stages = [\"enrich\"]\nstagez = []\nworkers = \"two\"",
+            );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(
+            errors[0].contains("key `mqtt.brokr`: unknown field `brokr`"),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[0].contains("(line 5)"), "{}", errors[0]);
+        assert!(
+            errors[1].contains("key `pipelines.telemetry.stagez`: unknown field `stagez`"),
+            "{}",
+            errors[1]
+        );
+        assert!(
+            errors[2].contains("key `pipelines.telemetry.workers`: invalid type: string \"two\""),
+            "{}",
+            errors[2]
+        );
+    }
+
+    #[test]
+    fn bad_required_value_is_reported_once() {
+        let text = VALID.replace("stages = [\"enrich\"]", "stages = \"enrich\"");
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].contains("key `pipelines.telemetry.stages`: invalid type"),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn broker_variables_replace_host_and_port() {
+        let (_dir, checked) = check_with(
+            "",
+            &layers(None, &[("MQTT_BROKER_HOST", "mqtt.example.net")]),
+        );
+        assert_eq!(checked.config.unwrap().mqtt.broker, "mqtt.example.net:1883");
+
+        let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_PORT", "8883")]));
+        assert_eq!(checked.config.unwrap().mqtt.broker, "127.0.0.1:8883");
+
+        let both = [("MQTT_BROKER_HOST", "::1"), ("MQTT_BROKER_PORT", "1884")];
+        let (_dir, checked) = check_with("", &layers(None, &both));
+        let config = checked.config.unwrap();
+        assert_eq!(config.mqtt.broker, "[::1]:1884");
+        assert!(config
+            .describe_layers()
+            .ends_with(", then the environment variables MQTT_BROKER_HOST, MQTT_BROKER_PORT"));
+    }
+
+    #[test]
+    fn broker_host_replaces_embedded() {
+        let (dir, file) = setup();
+        let text = VALID.replace("broker = \"127.0.0.1:1883\"", "broker = \"embedded\"");
+        std::fs::write(&file, text).unwrap();
+        let checked =
+            Config::check_layered(&file, &layers(None, &[("MQTT_BROKER_HOST", "10.0.0.5")]));
+        assert_eq!(checked.config.unwrap().mqtt.broker, "10.0.0.5:1883");
+
+        let checked = Config::check_layered(&file, &layers(None, &[("MQTT_BROKER_PORT", "1883")]));
+        let errors = error_texts(&checked);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("environment variable MQTT_BROKER_PORT: key `mqtt.broker`: mqtt.broker is not a host:port address"),
+            "{}",
+            errors[0]
+        );
+        drop(dir);
+    }
+
+    #[test]
+    fn bad_broker_port_names_variable() {
+        for value in ["0", "65536", "http", "-1"] {
+            let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_PORT", value)]));
+            assert_eq!(
+                error_texts(&checked),
+                vec![format!(
+                    "environment variable MQTT_BROKER_PORT: key `mqtt.broker`: \"{value}\" is not a port number \
+                     from 1 to 65535; set MQTT_BROKER_PORT to the broker's port, for example 1883 or 8883"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn variable_value_error_names_variable() {
+        // A key the variable sets is reported as the variable's, not the
+        // base file's.
+        for value in ["bad host", "mqtt.example.net:1883", "a/b"] {
+            let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_HOST", value)]));
+            let errors = error_texts(&checked);
+            assert_eq!(errors.len(), 1, "{errors:#?}");
+            assert!(
+                errors[0].starts_with(&format!(
+                    "environment variable MQTT_BROKER_HOST: key `mqtt.broker`: \"{value}\" is not a host name"
+                )),
+                "{}",
+                errors[0]
+            );
+        }
+        let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_HOST", "[fe80::1]")]));
+        assert_eq!(checked.config.unwrap().mqtt.broker, "[fe80::1]:1883");
+    }
+
+    #[test]
+    fn secret_never_appears_in_errors() {
+        let secret = "pa55-w0rd-secret";
+        let long_secret = "x".repeat(70_000);
+        for password in [secret, long_secret.as_str()] {
+            let (_dir, checked) = check_with(
+                "[pipelines.telemetry]\nworkers = 0\n",
+                &layers(
+                    Some("dev"),
+                    &[("MQTT_PASSWORD", password), ("MQTT_BROKER_PORT", "99999")],
+                ),
+            );
+            let text = ConfigErrors(checked.errors.clone()).to_string();
+            assert!(!checked.errors.is_empty());
+            assert!(!text.contains(password), "{text}");
+        }
+        let debug = format!("{:?}", layers(None, &[("MQTT_PASSWORD", secret)]));
+        assert!(!debug.contains(secret), "{debug}");
+        assert!(debug.contains("MQTT_PASSWORD"), "{debug}");
+    }
+
+    #[test]
+    fn long_password_is_named_not_shown() {
+        let long_secret = "y".repeat(70_000);
+        let (_dir, checked) = check_with("", &layers(None, &[("MQTT_PASSWORD", &long_secret)]));
+        let errors = error_texts(&checked);
+        assert_eq!(
+            errors[0],
+            "environment variable MQTT_PASSWORD: key `mqtt.password`: the value is 70000 bytes long, \
+             above MQTT's limit of 65535; use a shorter value"
+        );
+    }
+
+    #[test]
+    fn device_key_forms_are_validated() {
+        let with_key = |key: &str| {
+            VALID.replace(
+                "sinks = [\"file\"]",
+                &format!("sinks = [\"file\"]\ndevice_key = {key}"),
+            )
+        };
+        let (_dir, file) = setup();
+        let config = Config::parse(&file, &with_key("{ payload = \"id\" }")).unwrap();
+        assert_eq!(
+            config.pipelines["telemetry"].device_key,
+            DeviceKey::PayloadField("id".to_owned())
+        );
+        let config = Config::parse(
+            &file,
+            &with_key("{ topic = \"devices/{device_id}/telemetry\" }"),
+        )
+        .unwrap();
+        assert!(matches!(
+            config.pipelines["telemetry"].device_key,
+            DeviceKey::TopicPattern(_)
+        ));
+        let config = Config::parse(&file, VALID).unwrap();
+        assert_eq!(config.pipelines["telemetry"].device_key, DeviceKey::Topic);
+
+        for (key, expected) in [
+            ("{ topic = \"a/b\", payload = \"id\" }", "key `pipelines.telemetry.device_key`: both topic and payload are set"),
+            ("{}", "key `pipelines.telemetry.device_key`: neither topic nor payload is set"),
+            ("{ payload = \"\" }", "key `pipelines.telemetry.device_key.payload`: the field name is empty"),
+            (
+                "{ topic = \"devices/+/telemetry\" }",
+                "key `pipelines.telemetry.device_key.topic`: invalid device key pattern: \"devices/+/telemetry\" must contain {device_id} exactly once",
+            ),
+            ("{ header = \"id\" }", "key `pipelines.telemetry.device_key.header`: unknown field `header`"),
+        ] {
+            let (_file, errors) = errors(&with_key(key));
+            assert_eq!(errors.len(), 1, "{key}: {errors:#?}");
+            assert!(errors[0].contains(expected), "{key}: {}", errors[0]);
+        }
+    }
+
+    #[test]
+    fn shipped_overlays_are_valid() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/eliot.toml");
+        for profile in [None, Some("dev"), Some("prod")] {
+            let checked = Config::check_layered(&base, &layers(profile, &[]));
+            // The plugin files are built separately, and production's
+            // folders exist only where it is deployed.
+            let others: Vec<String> = checked
+                .errors
+                .iter()
+                .filter(|e| !(e.key.ends_with(".file") && e.problem.contains("not found")))
+                .map(ToString::to_string)
+                .collect();
+            assert!(others.is_empty(), "{profile:?}: {others:#?}");
+        }
+    }
+
+    #[test]
+    fn redact_removes_file_and_variable_secrets() {
+        let table: toml::Table = "[mqtt]\npassword = \"file-5ecret\"\n".parse().unwrap();
+        let mut errors = vec![ConfigError {
+            origin: Origin::File(PathBuf::from("eliot.toml")),
+            key: "mqtt.password".to_owned(),
+            problem: "\"file-5ecret\" and \"env-5ecret\" are quoted".to_owned(),
+            fix: "not env-5ecret".to_owned(),
+        }];
+        redact(
+            &mut errors,
+            &layers(None, &[("MQTT_PASSWORD", "env-5ecret")]),
+            &table,
+        );
+        assert_eq!(
+            errors[0].problem,
+            "\"<redacted>\" and \"<redacted>\" are quoted"
+        );
+        assert_eq!(errors[0].fix, "not <redacted>");
     }
 }

@@ -215,7 +215,13 @@ impl Reloader {
     /// Tells what an event on `path` concerns.
     async fn classify(&self, path: &Path) -> Change {
         let state = self.state.lock().await;
-        if same_file(path, &state.config.file) {
+        if same_file(path, &state.config.file)
+            || state
+                .config
+                .overlay
+                .as_deref()
+                .is_some_and(|overlay| same_file(path, overlay))
+        {
             return Change::Config;
         }
         if state
@@ -251,9 +257,22 @@ impl Reloader {
 
     async fn apply_config(&self, state: &mut State) -> Outcome {
         let file = state.config.file.clone();
-        let new = match Config::load(&file) {
+        // The same layers as at start: the overlay and the variables are
+        // read again from the files, but which ones apply is fixed for the
+        // life of the process, as its environment is.
+        let new = match Config::load_layered(&file, &state.config.layers) {
             Ok(config) => config,
             Err(errors) => {
+                // The file of the first problem: an edit of the overlay is
+                // reported as the overlay's.
+                let file = errors
+                    .0
+                    .iter()
+                    .find_map(|e| match &e.origin {
+                        crate::layers::Origin::File(path) => Some(path.clone()),
+                        crate::layers::Origin::Variables(_) => None,
+                    })
+                    .unwrap_or(file);
                 return Outcome::RolledBack {
                     file,
                     key: errors
@@ -263,7 +282,7 @@ impl Reloader {
                         .collect::<Vec<_>>()
                         .join(", "),
                     reason: errors.to_string(),
-                }
+                };
             }
         };
         if let Some((key, reason)) = needs_restart(&state.config, &new) {
@@ -714,6 +733,9 @@ fn needs_restart(old: &Config, new: &Config) -> Option<(String, String)> {
         if before.sinks != after.sinks {
             return restart(&format!("pipelines.{name}.sinks"));
         }
+        if before.device_key != after.device_key {
+            return restart(&format!("pipelines.{name}.device_key"));
+        }
     }
     None
 }
@@ -816,7 +838,7 @@ path = "out/processed.jsonl"
     #[test]
     fn connection_and_routing_changes_need_restart() {
         type Edit = fn(&str) -> String;
-        let cases: [(&str, Edit); 4] = [
+        let cases: [(&str, Edit); 5] = [
             ("mqtt", |t| {
                 t.replace("client_id = \"eliot\"", "client_id = \"other\"")
             }),
@@ -828,6 +850,12 @@ path = "out/processed.jsonl"
             }),
             ("pipelines.telemetry.workers", |t| {
                 t.replace("sinks = [\"file\"]", "sinks = [\"file\"]\nworkers = 4")
+            }),
+            ("pipelines.telemetry.device_key", |t| {
+                t.replace(
+                    "sinks = [\"file\"]",
+                    "sinks = [\"file\"]\ndevice_key = { payload = \"id\" }",
+                )
             }),
         ];
         for (key, edit) in cases {

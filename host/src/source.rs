@@ -11,6 +11,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Subscribe
 use tokio::sync::{mpsc, watch};
 
 use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline, PipelineSet};
+use crate::stats;
 use crate::wasm::{Message, Qos};
 
 /// Reconnect delays: exponential from 100 ms to 10 s, with jitter so that a
@@ -354,16 +355,40 @@ fn route(
             .headers
             .push((OVERSIZED_HEADER.to_owned(), max_payload_bytes.to_string()));
     }
-    // NOTE: the device key is the topic, which is one device per topic in the
-    // usual devices/{id}/... layout; keys taken from the payload are not
-    // supported yet.
     for pipeline in matching {
-        let worker = pipeline.worker_for(&publish.topic);
+        let mut message = message.clone();
+        let key = &pipeline.config.device_key;
+        // NOTE: a payload key parses each message's JSON here, on the one
+        // source task, before a worker has it; its cost was not measured.
+        let worker = match crate::device::device_id(key, &publish.topic, &message.payload) {
+            Ok(id) => {
+                if key.names_device() {
+                    // The pipeline's key replaces any `device_id` header the
+                    // device sent itself, so that plugins see the id the
+                    // order was kept by.
+                    message
+                        .headers
+                        .retain(|(name, _)| name != crate::device::DEVICE_ID_HEADER);
+                    message
+                        .headers
+                        .push((crate::device::DEVICE_ID_HEADER.to_owned(), id.to_string()));
+                }
+                pipeline.worker_for(&id)
+            }
+            Err(missing) => {
+                // Keyed by the topic: the message is still processed, in
+                // the order of its topic, and the count shows how many
+                // messages the key did not fit.
+                stats::add(&pipeline.stats.device_key_missing, 1);
+                tracing::debug!(pipeline = %pipeline.config.name, topic = %publish.topic, device_key = %key, reason = %missing, "no device id; keyed by the topic");
+                pipeline.worker_for(&publish.topic)
+            }
+        };
         pending.push_back(Routed {
             pipeline: pipeline.clone(),
             worker,
             job: Job {
-                message: message.clone(),
+                message,
                 ack: ack.clone(),
             },
         });

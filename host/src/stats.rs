@@ -18,6 +18,10 @@ pub struct PipelineStats {
     pub dead_lettered: AtomicU64,
     /// Times a stage's circuit breaker opened.
     pub breaker_opened: AtomicU64,
+    /// Messages whose device key could not be extracted, and which were
+    /// keyed by their topic instead. They are also counted in `received`
+    /// and end like any other message.
+    pub device_key_missing: AtomicU64,
 }
 
 impl PipelineStats {
@@ -36,6 +40,7 @@ impl PipelineStats {
             dropped: self.dropped.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             breaker_opened: self.breaker_opened.load(Ordering::Relaxed),
+            device_key_missing: self.device_key_missing.load(Ordering::Relaxed),
         }
     }
 }
@@ -49,6 +54,7 @@ pub struct StatsSnapshot {
     pub dropped: u64,
     pub dead_lettered: u64,
     pub breaker_opened: u64,
+    pub device_key_missing: u64,
 }
 
 pub fn add(counter: &AtomicU64, n: u64) {

@@ -101,6 +101,30 @@ mod tests {
             TopicFilter::parse("").unwrap_err(),
             "a topic filter must not be empty"
         );
+        assert_eq!(
+            TopicFilter::parse("a+/b").unwrap_err(),
+            "\"+\" must be a whole level, but level 1 is \"a+\""
+        );
+        assert_eq!(
+            TopicFilter::parse("#/a").unwrap_err(),
+            "\"#\" must be a whole level and the last one, but level 1 is \"#\""
+        );
+        assert_eq!(
+            TopicFilter::parse("a/\0/b").unwrap_err(),
+            "a topic filter must not contain the NUL character"
+        );
+    }
+
+    #[test]
+    fn leading_slash_is_its_own_level() {
+        assert!(matches("/a", "/a"));
+        assert!(!matches("/a", "a"));
+        assert!(!matches("a", "/a"));
+        assert!(matches("/#", "/a/b"));
+        assert!(!matches("/#", "a/b"));
+        assert!(matches("a/", "a/"));
+        assert!(!matches("a/", "a"));
+        assert!(matches("a/+", "a/"), "+ matches an empty level");
     }
 
     #[test]
@@ -151,5 +175,8 @@ mod tests {
         assert!(!matches("+/broker/load", "$SYS/broker/load"));
         assert!(matches("$SYS/#", "$SYS/broker/load"));
         assert!(matches("$SYS/+/load", "$SYS/broker/load"));
+        assert!(!matches("+/#", "$share/x"));
+        assert!(!matches("#", "$"));
+        assert!(matches("a/#", "a/$b"), "only the first level is special");
     }
 }

@@ -23,10 +23,27 @@ impl HostProcess {
     /// Panics when the process cannot start or does not connect within
     /// 60 s, with the log.
     pub fn start(binary: &Path, config: &Path, log: &Path) -> Self {
+        Self::start_with_env(binary, config, log, &[])
+    }
+
+    /// Does the same as [`HostProcess::start`] with the environment
+    /// variables `env` set for the process.
+    ///
+    /// # Panics
+    ///
+    /// See [`HostProcess::start`].
+    pub fn start_with_env(binary: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let stderr = File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        // Only the layers the test passes in `env`, none inherited from the
+        // shell that runs the tests.
+        for name in std::iter::once(eliot::layers::PROFILE_VARIABLE).chain(eliot::layers::variable_names()) {
+            command.env_remove(name);
+        }
+        let child = command
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -44,6 +44,13 @@ impl Setup {
     /// folder, writes a config whose pipeline runs `stages`, and starts the
     /// host.
     fn start(client_id: &str, stages: &[&str]) -> Self {
+        Self::start_with_overlay(client_id, stages, None)
+    }
+
+    /// Does the same as [`Setup::start`], and with `overlay` writes it to
+    /// `dev.toml` beside the config and starts the host with
+    /// `ELIOT_ENV=dev`.
+    fn start_with_overlay(client_id: &str, stages: &[&str], overlay: Option<&str>) -> Self {
         let broker = Mosquitto::builder().max_queued_messages(0).start();
         let examples = build_examples();
         let dir = tempfile::tempdir().unwrap();
@@ -63,7 +70,14 @@ impl Setup {
             published: Vec::new(),
         };
         std::fs::write(&setup.config, setup.config_text(client_id, stages, "")).unwrap();
-        let mut host = HostProcess::start(Path::new(ELIOT), &setup.config, &setup.dir.path().join("host.log"));
+        let log = setup.dir.path().join("host.log");
+        let mut host = match overlay {
+            None => HostProcess::start(Path::new(ELIOT), &setup.config, &log),
+            Some(text) => {
+                std::fs::write(setup.dir.path().join("dev.toml"), text).unwrap();
+                HostProcess::start_with_env(Path::new(ELIOT), &setup.config, &log, &[("ELIOT_ENV", "dev")])
+            }
+        };
         host.wait_for_log("subscribed", WAIT);
         host.wait_for_log("watching for plugin and config changes", WAIT);
         setup.host = Some(host);
@@ -353,6 +367,53 @@ fn stages_reordered_and_removed() {
             .iter()
             .map(|s| (*s).to_owned())
             .collect();
+    assert_switches_forward(&by_device, &order, chain);
+}
+
+#[test]
+fn overlay_edit_applied_or_rolled_back() {
+    let client_id = "eliot-reload-overlay";
+    let overlay = |stages: &str, extra: &str| format!("[pipelines.telemetry]\nstages = [{stages}]\n{extra}");
+    let mut setup =
+        Setup::start_with_overlay(client_id, &["enrich"], Some(&overlay(r#""enrich", "validate-format""#, "")));
+    let dev = setup.dir.path().join("dev.toml");
+
+    let first = to_publishes(&setup.next_messages(STEP));
+    publish_all(setup.broker.port(), &first, QoS::AtLeastOnce);
+    setup.wait_written();
+
+    // The overlay, not the base file, adds a stage: the reload re-reads
+    // both layers.
+    let added = overlay(r#""enrich", "validate-format", "versioned""#, "");
+    setup.step(|s| {
+        replace_atomically(&dev, added.as_bytes());
+        s.host().wait_for_log_count("reload applied", 1, WAIT);
+    });
+
+    // An unknown key in the overlay: rolled back, named by the overlay's
+    // file, and the chain it replaced serves on.
+    let broken = overlay(r#""enrich""#, "stagez = []");
+    setup.step(|s| {
+        std::fs::write(&dev, broken.as_bytes()).unwrap();
+        s.host().wait_for_log_count("reload rolled back", 1, WAIT);
+    });
+    let log = setup.host().log();
+    let dev_path = std::path::absolute(&dev).unwrap();
+    assert!(log.contains(&format!("file={}", dev_path.display())), "the log names the overlay:\n{log}");
+    assert!(log.contains("pipelines.telemetry.stagez"), "the log names the key:\n{log}");
+
+    let by_device = setup.finish();
+    let chain = |record: &Value| {
+        record["processed_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry.as_str().unwrap().split('@').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let order: Vec<String> =
+        ["enrich,validate-format", "enrich,validate-format,versioned"].iter().map(|s| (*s).to_owned()).collect();
     assert_switches_forward(&by_device, &order, chain);
 }
 

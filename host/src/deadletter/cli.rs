@@ -10,7 +10,6 @@ use clap::{Args, Subcommand};
 
 use super::replay::{self, LetterOutcome, ReplayOptions, Selection};
 use super::{DeadLetterError, DeadLetterStore, FailureKind, ListFilter, StoredDeadLetter};
-use crate::config::Config;
 
 /// Characters of the reason shown in the `list` table.
 const REASON_WIDTH: usize = 60;
@@ -196,8 +195,7 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
             skip_mqtt_sinks,
         } => {
             let selection = selection("replay", ids, filter, all)?;
-            let config =
-                Config::load(&config.config).map_err(|errors| anyhow::anyhow!("{errors}"))?;
+            let config = crate::cli::load_config(&config.config)?;
             let store = open_existing(&config.dead_letter_path, &config.file)?;
             let options = ReplayOptions {
                 broker,
@@ -315,14 +313,17 @@ fn open_existing(path: &Path, config_file: &Path) -> anyhow::Result<DeadLetterSt
     }
 }
 
-/// Reads `dead_letters.path` from the configuration file and resolves it
-/// against the file's folder, as [`Config::load`] does.
+/// Reads `dead_letters.path` from the configuration layers (the overlay
+/// that `ELIOT_ENV` selects may move the store) and resolves it against the
+/// base file's folder, as [`crate::config::Config::load`] does. The rest of the
+/// configuration is not validated, so that a store stays readable while the
+/// plugins are missing.
 fn store_path(config_file: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(config_file)
         .with_context(|| format!("cannot read {}; pass --config FILE", config_file.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("{} is not valid TOML", config_file.display()))?;
+    let table = crate::layers::apply(config_file, &text, &crate::layers::Layers::from_process())
+        .map_err(|errors| anyhow::anyhow!("{}", crate::config::ConfigErrors(errors)))?
+        .table;
     let Some(path) = table
         .get("dead_letters")
         .and_then(|d| d.get("path"))

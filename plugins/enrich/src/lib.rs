@@ -1,7 +1,8 @@
 //! Eliot plugin that completes telemetry payloads before validation.
 //!
 //! For a JSON object payload it fills in a missing `device_id` from the
-//! topic, rewrites an RFC 3339 `timestamp` in UTC, adds the host's receive
+//! host's `device_id` header (set when the pipeline has a `device_key`) or
+//! else from the topic, rewrites an RFC 3339 `timestamp` in UTC, adds the host's receive
 //! time and sets a `device_id` message header. It rejects nothing: any other
 //! payload passes unchanged, and the validator after it decides.
 
@@ -39,7 +40,8 @@ impl Processor for Enrich {
             return Ok(Outcome::Forward(msg));
         };
 
-        if let Some(device_id) = self.fill_device_id(&mut payload, &msg.topic) {
+        let from_host = msg.header("device_id").map(str::to_owned);
+        if let Some(device_id) = self.fill_device_id(&mut payload, from_host, &msg.topic) {
             msg.set_header("device_id", device_id);
         }
 
@@ -59,16 +61,25 @@ impl Processor for Enrich {
 
 impl Enrich {
     /// Returns the payload's device id. When `device_id` is missing, empty or
-    /// not a string, first copies the id from `topic` into the payload, if the
-    /// topic matches the pattern.
-    fn fill_device_id(&self, payload: &mut Map<String, Value>, topic: &str) -> Option<String> {
+    /// not a string, first copies an id into the payload: the host's
+    /// `from_host` if given, or else the id in `topic` if the topic matches
+    /// the pattern.
+    fn fill_device_id(
+        &self,
+        payload: &mut Map<String, Value>,
+        from_host: Option<String>,
+        topic: &str,
+    ) -> Option<String> {
         if let Some(Value::String(device_id)) = payload.get("device_id") {
             if !device_id.is_empty() {
                 return Some(device_id.clone());
             }
         }
 
-        let device_id = self.topic_pattern.device_id(topic)?.to_owned();
+        let device_id = match from_host.filter(|id| !id.is_empty()) {
+            Some(id) => id,
+            None => self.topic_pattern.device_id(topic)?.to_owned(),
+        };
         payload.insert("device_id".to_owned(), Value::String(device_id.clone()));
         Some(device_id)
     }

@@ -186,6 +186,31 @@ fn device_id_present_kept_over_topic() {
 }
 
 #[test]
+fn device_id_missing_taken_from_host_header() {
+    let mut msg = json_message("gateways/gw1/data", &without_device_id());
+    msg.set_header("device_id", "meter-7");
+    let out = process(&mut enrich_with(json!({})), msg);
+    assert_eq!(payload_json(&out)["device_id"], "meter-7");
+    assert_eq!(out.header("device_id"), Some("meter-7"));
+}
+
+#[test]
+fn device_id_host_header_preferred_over_topic() {
+    let mut msg = json_message(TOPIC, &without_device_id());
+    msg.set_header("device_id", "meter-7");
+    let out = process(&mut enrich_with(json!({})), msg);
+    assert_eq!(payload_json(&out)["device_id"], "meter-7");
+}
+
+#[test]
+fn device_id_in_payload_kept_over_host_header() {
+    let mut msg = json_message(TOPIC, &telemetry());
+    msg.set_header("device_id", "meter-7");
+    let out = process(&mut enrich_with(json!({})), msg);
+    assert_eq!(payload_json(&out)["device_id"], "buoy_b01");
+}
+
+#[test]
 fn device_id_topic_mismatch_left_missing() {
     let out = enrich_payload("sensors/buoy_b01/telemetry", without_device_id());
     assert_eq!(payload_json(&out).get("device_id"), None);
