@@ -68,6 +68,74 @@ struct RawConfig {
     pipelines: BTreeMap<String, RawPipelineConfig>,
     #[serde(default)]
     sinks: BTreeMap<String, RawSinkConfig>,
+    #[serde(default)]
+    log: LogConfig,
+    /// Absent: no admin server. An HTTP port is something an operator opens
+    /// on purpose, so it is never on by default.
+    admin: Option<RawAdminConfig>,
+    #[serde(default)]
+    devices: RawDevicesConfig,
+}
+
+/// How the host writes its log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event, for a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for a log collector.
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminConfig {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    #[serde(default = "default_admin_token_env")]
+    token_env: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+
+fn default_admin_token_env() -> String {
+    "ELIOT_ADMIN_TOKEN".to_owned()
+}
+
+/// The admin HTTP server: health, metrics and the JSON API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to listen on; port 0 picks a free port, which is logged.
+    pub listen: std::net::SocketAddr,
+    /// Environment variable that holds the bearer token of the mutating
+    /// endpoints. The token itself never appears in the config or the log.
+    pub token_env: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevicesConfig {
+    status_topic: Option<String>,
+}
+
+/// How the host learns whether a device is online.
+#[derive(Debug, Clone, Default)]
+pub struct DevicesConfig {
+    /// Filter of the topics on which devices publish `online` and `offline`
+    /// (typically retained, with `offline` as their MQTT will). `None`: no
+    /// status subscription, and a device's online state stays unknown.
+    pub status_topic: Option<TopicFilter>,
 }
 
 /// The broker connection.
@@ -334,6 +402,9 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     pub pipelines: BTreeMap<String, PipelineConfig>,
     pub sinks: BTreeMap<String, SinkConfig>,
+    pub log: LogConfig,
+    pub admin: Option<AdminConfig>,
+    pub devices: DevicesConfig,
 }
 
 /// One plugin: its component file and the config table it is given.
@@ -754,6 +825,9 @@ impl Validator<'_> {
             );
         }
 
+        let admin = raw.admin.and_then(|admin| self.admin(admin));
+        let devices = self.devices(raw.devices);
+
         if !self.errors.is_empty() {
             return Err(ConfigErrors(self.errors));
         }
@@ -769,7 +843,57 @@ impl Validator<'_> {
             plugins,
             pipelines,
             sinks,
+            log: raw.log,
+            admin,
+            devices,
         })
+    }
+
+    fn admin(&mut self, raw: RawAdminConfig) -> Option<AdminConfig> {
+        let listen = raw.listen.parse::<std::net::SocketAddr>();
+        if listen.is_err() {
+            self.error(
+                "admin.listen",
+                format!("\"{}\" is not an IP:port address", raw.listen),
+                "write it as \"127.0.0.1:9464\", or port 0 for a free port",
+            );
+        }
+        let valid_name = !raw.token_env.is_empty()
+            && raw
+                .token_env
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            self.error(
+                "admin.token_env",
+                format!(
+                    "\"{}\" is not an environment variable name",
+                    raw.token_env
+                ),
+                "name the variable that holds the token, for example \"ELIOT_ADMIN_TOKEN\"; never write the token itself here",
+            );
+        }
+        Some(AdminConfig {
+            listen: listen.ok()?,
+            token_env: raw.token_env,
+        })
+    }
+
+    fn devices(&mut self, raw: RawDevicesConfig) -> DevicesConfig {
+        let status_topic = raw
+            .status_topic
+            .and_then(|filter| match TopicFilter::parse(&filter) {
+                Ok(parsed) => Some(parsed),
+                Err(problem) => {
+                    self.error(
+                        "devices.status_topic",
+                        format!("invalid topic filter \"{filter}\": {problem}"),
+                        "use a filter such as \"devices/+/status\"",
+                    );
+                    None
+                }
+            });
+        DevicesConfig { status_topic }
     }
 }
 

@@ -88,6 +88,11 @@ impl Reloader {
         }
     }
 
+    /// Returns a copy of the configuration in force.
+    pub async fn config(&self) -> Config {
+        self.state.lock().await.config.clone()
+    }
+
     /// Returns the plugin currently loaded under `name`.
     pub async fn plugin(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
         let state = self.state.lock().await;

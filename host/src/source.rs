@@ -10,6 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 
+use crate::events::Events;
 use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline, PipelineSet};
 use crate::wasm::{Message, Qos};
 
@@ -93,6 +94,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     connected: &watch::Sender<bool>,
     max_payload_bytes: usize,
+    events: &Events,
 ) -> (AsyncClient, EventLoop) {
     let mut backoff = ReconnectBackoff::new();
     // Messages read from the broker and not yet taken by a worker, in
@@ -109,7 +111,7 @@ pub async fn run(
     loop {
         if std::mem::take(&mut filters_changed) {
             let pipelines = set.current();
-            follow_filters(&client, &pipelines, &mut subscribed).await;
+            follow_filters(&client, &pipelines, events, &mut subscribed).await;
         }
         // Hand over what the workers have room for, oldest first.
         while let Some(routed) = pending.pop_front() {
@@ -143,6 +145,7 @@ pub async fn run(
                     ack_queue,
                     max_payload_bytes,
                     &mut pending,
+                    events,
                 );
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -159,7 +162,8 @@ pub async fn run(
                 // every filter, because what is published before that
                 // reaches no subscriber.
                 subscribed.clear();
-                awaiting_subacks = follow_filters(&client, &pipelines, &mut subscribed).await;
+                awaiting_subacks =
+                    follow_filters(&client, &pipelines, events, &mut subscribed).await;
                 if awaiting_subacks == 0 {
                     connected.send_replace(true);
                 }
@@ -241,15 +245,21 @@ pub async fn drain(
 /// Filters subscribed on the current connection, with their QoS.
 type Subscriptions = BTreeMap<String, QoS>;
 
-/// Subscribes every filter of `pipelines` that is not in `subscribed` (or
-/// whose QoS changed), and unsubscribes every filter no pipeline has any
-/// more, one request each. Returns how many subscribe requests were queued.
+/// Subscribes every filter of `pipelines` and the device status filter that
+/// is not in `subscribed` (or whose QoS changed), and unsubscribes every
+/// filter no pipeline has any more, one request each. Returns how many
+/// subscribe requests were queued.
 async fn follow_filters(
     client: &AsyncClient,
     pipelines: &[Arc<Pipeline>],
+    events: &Events,
     subscribed: &mut Subscriptions,
 ) -> usize {
     let mut wanted = Subscriptions::new();
+    if let Some(filter) = &events.status_topic {
+        // QoS 1, so that a device's last will is not lost on the way.
+        wanted.insert(filter.as_str().to_owned(), QoS::AtLeastOnce);
+    }
     for pipeline in pipelines {
         for filter in &pipeline.config.topics {
             // Two pipelines on one filter: the higher QoS serves both.
@@ -304,6 +314,7 @@ fn route(
     acks: &Arc<AckQueue>,
     max_payload_bytes: usize,
     pending: &mut VecDeque<Routed>,
+    events: &Events,
 ) {
     #[cfg(feature = "fault-injection")]
     if publish.topic.contains(FAULT_INJECTION_SOURCE_TOPIC_LEVEL) && inject_once(&SOURCE_FAULT) {
@@ -313,7 +324,18 @@ fn route(
         .iter()
         .filter(|p| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
         .collect();
+    let status = events
+        .status_topic
+        .as_ref()
+        .is_some_and(|filter| filter.matches(&publish.topic));
+    if status {
+        events.device_status(&publish.topic, &publish.payload);
+    }
     let ack = AckHandle::new(publish.clone(), matching.len().max(1), acks);
+    if matching.is_empty() && status {
+        ack.finish();
+        return;
+    }
     if matching.is_empty() {
         // Can happen with overlapping subscriptions kept from an older
         // configuration in a persistent session.
@@ -343,7 +365,9 @@ fn route(
     }
     // NOTE: the device key is the topic, which is one device per topic in the
     // usual devices/{id}/... layout; keys taken from the payload are not
-    // supported yet.
+    // supported yet. The device registry reads its id from the same topic
+    // through `fleet::device_id`.
+    events.message_received(&publish.topic);
     for pipeline in matching {
         let worker = pipeline.worker_for(&publish.topic);
         pending.push_back(Routed {
