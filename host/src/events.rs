@@ -109,7 +109,10 @@ impl Events {
 
     /// Returns the metric handles of `stage` in `pipeline`.
     pub fn stage_metrics(&self, pipeline: &str, stage: &str) -> StageMetrics {
-        let labels = vec![("pipeline", pipeline.to_owned()), ("stage", stage.to_owned())];
+        let labels = vec![
+            ("pipeline", pipeline.to_owned()),
+            ("stage", stage.to_owned()),
+        ];
         StageMetrics {
             messages_in: self.stage_in.get_or_create_owned(&labels),
             messages_out: self.stage_out.get_or_create_owned(&labels),
@@ -289,7 +292,9 @@ impl Events {
 pub enum Decision {
     /// Write the line; `suppressed` lines of the same key were left out
     /// since the last one written.
-    Log { suppressed: u64 },
+    Log {
+        suppressed: u64,
+    },
     Suppress,
 }
 

@@ -704,9 +704,7 @@ impl Chain {
                 metrics.messages_in.inc();
                 let started = std::time::Instant::now();
                 let result = self.call_stage(index, message);
-                metrics
-                    .duration
-                    .observe(started.elapsed().as_secs_f64());
+                metrics.duration.observe(started.elapsed().as_secs_f64());
                 match result {
                     StageResult::Outcome(Outcome::Forward(out)) => {
                         metrics.messages_out.inc();

@@ -157,7 +157,8 @@ impl FilterParams {
                     .into_iter()
                     .find(|kind| kind.as_str() == text)
                     .ok_or_else(|| {
-                        let known: Vec<&str> = FailureKind::ALL.iter().map(|k| k.as_str()).collect();
+                        let known: Vec<&str> =
+                            FailureKind::ALL.iter().map(|k| k.as_str()).collect();
                         ApiError::bad_request(format!(
                             "kind \"{text}\" is not a failure kind; use one of {}",
                             known.join(", ")
@@ -209,11 +210,13 @@ pub(super) async fn list_dead_letters(
 }
 
 /// `GET /api/dead-letters/{id}`.
-pub(super) async fn show_dead_letter(
-    State(admin): State<Admin>,
-    Path(id): Path<i64>,
-) -> ApiResult {
-    match admin.state.dead_letters.get(id).map_err(ApiError::internal)? {
+pub(super) async fn show_dead_letter(State(admin): State<Admin>, Path(id): Path<i64>) -> ApiResult {
+    match admin
+        .state
+        .dead_letters
+        .get(id)
+        .map_err(ApiError::internal)?
+    {
         Some(letter) => Ok(Json(letter.to_json())),
         None => Err(not_found(id)),
     }
@@ -249,15 +252,15 @@ impl SelectionBody {
         let usage = "send exactly one of {\"ids\": [1, 2]}, {\"filter\": {\"pipeline\": \"NAME\"}} or {\"all\": true}";
         match (&self.ids, &self.filter, self.all) {
             (Some(ids), None, false) if !ids.is_empty() => Ok(Selection::Ids(ids.clone())),
-            (Some(_), None, false) => Err(ApiError::bad_request(format!(
-                "\"ids\" is empty; {usage}"
-            ))),
+            (Some(_), None, false) => {
+                Err(ApiError::bad_request(format!("\"ids\" is empty; {usage}")))
+            }
             (None, Some(filter), false) => {
                 let filter = filter.to_filter(None)?;
                 if filter.matches_everything() {
-                    return Err(ApiError::bad_request(format!(
-                        "the filter selects every dead letter; set pipeline, stage, kind or topic_prefix, or send {{\"all\": true}}"
-                    )));
+                    return Err(ApiError::bad_request(
+                        "the filter selects every dead letter; set pipeline, stage, kind or topic_prefix, or send {\"all\": true}",
+                    ));
                 }
                 Ok(Selection::Filter(filter))
             }
@@ -399,7 +402,11 @@ pub(super) async fn delete_dead_letter(
     authorize(&admin.state, &headers)?;
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
-    match state.dead_letters.delete(&[id]).map_err(ApiError::internal)? {
+    match state
+        .dead_letters
+        .delete(&[id])
+        .map_err(ApiError::internal)?
+    {
         0 => Err(not_found(id)),
         purged => {
             tracing::info!(id, "dead letter purged through the admin API");
