@@ -5,7 +5,8 @@
 //! - [`api`]: the JSON endpoints.
 //!
 //! It runs only when the config has an `[admin]` table. Reading endpoints
-//! are open to whoever reaches the address, which is loopback by default.
+//! need no token, so anyone who can reach the address can read them; the
+//! default address is loopback.
 //! Mutating endpoints (replay, purge) need `Authorization: Bearer TOKEN`,
 //! where TOKEN is the value of the environment variable that
 //! `admin.token_env` names; without that variable they are disabled.
@@ -66,7 +67,7 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// What the handlers share: the host's state and the metric registry.
+/// Shared state of the handlers: the host's state and the metric registry.
 #[derive(Clone)]
 struct Admin {
     state: Arc<AdminState>,
@@ -79,7 +80,7 @@ struct Admin {
 /// # Errors
 ///
 /// Fails when the address cannot be bound, for example because another
-/// process holds the port.
+/// process uses the port.
 pub async fn serve(
     listen: SocketAddr,
     state: Arc<AdminState>,
@@ -126,7 +127,7 @@ fn router(admin: Admin) -> Router {
         .with_state(admin)
 }
 
-/// Liveness: the process answers.
+/// Liveness: returns 200 while the process serves requests.
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "alive" }))
 }
@@ -200,7 +201,7 @@ async fn metrics_text(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-/// An error answer: a status and a JSON body `{"error": "..."}`.
+/// An error response: a status and a JSON body `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -265,7 +266,9 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {
-        tracing::warn!("admin request rejected: wrong bearer token");
+        if state.events.admit("admin-wrong-token") {
+            tracing::warn!("admin request rejected: wrong bearer token");
+        }
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "wrong bearer token",

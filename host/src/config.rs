@@ -77,7 +77,7 @@ struct RawConfig {
     devices: RawDevicesConfig,
 }
 
-/// How the host writes its log.
+/// The log settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -118,7 +118,7 @@ fn default_admin_token_env() -> String {
 pub struct AdminConfig {
     /// Address to listen on; port 0 picks a free port, which is logged.
     pub listen: std::net::SocketAddr,
-    /// Environment variable that holds the bearer token of the mutating
+    /// Environment variable that contains the bearer token of the mutating
     /// endpoints. The token itself never appears in the config or the log.
     pub token_env: String,
 }
@@ -129,7 +129,7 @@ struct RawDevicesConfig {
     status_topic: Option<String>,
 }
 
-/// How the host learns whether a device is online.
+/// The device status subscription, which tells whether a device is online.
 #[derive(Debug, Clone, Default)]
 pub struct DevicesConfig {
     /// Filter of the topics on which devices publish `online` and `offline`
@@ -970,6 +970,70 @@ path = "out/processed.jsonl"
         assert_eq!(
             config.plugins["enrich"].config,
             serde_json::json!({"pattern": "a/{device_id}", "limit": 3, "ratio": 0.5})
+        );
+    }
+
+    #[test]
+    fn operations_tables_default_off() {
+        let (_dir, file) = setup();
+        let config = Config::parse(&file, VALID).unwrap();
+        assert_eq!(config.admin, None, "no admin server without [admin]");
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert!(config.devices.status_topic.is_none());
+    }
+
+    #[test]
+    fn operations_tables_parse() {
+        let (_dir, file) = setup();
+        let text = format!(
+            "{VALID}\n[admin]\n\n[log]\nformat = \"json\"\n\n[devices]\nstatus_topic = \"devices/+/status\"\n"
+        );
+        let config = Config::parse(&file, &text).unwrap();
+        let admin = config.admin.unwrap();
+        assert_eq!(admin.listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(admin.token_env, "ELIOT_ADMIN_TOKEN");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.devices.status_topic.unwrap().as_str(),
+            "devices/+/status"
+        );
+    }
+
+    #[test]
+    fn bad_operations_values_name_key_and_fix() {
+        let text = format!(
+            "{VALID}\n[admin]\nlisten = \"localhost\"\ntoken_env = \"s3cr3t token\"\n\n[devices]\nstatus_topic = \"devices/#/status\"\n"
+        );
+        let (file, errors) = errors(&text);
+        let file = file.display();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            format!("{file}: key `admin.listen`: \"localhost\" is not an IP:port address; write it as \"127.0.0.1:9464\", or port 0 for a free port")
+        );
+        assert_eq!(
+            errors[1],
+            format!("{file}: key `admin.token_env`: \"s3cr3t token\" is not an environment variable name; name the variable that holds the token, for example \"ELIOT_ADMIN_TOKEN\"; never write the token itself here")
+        );
+        assert!(
+            errors[2].starts_with(&format!(
+                "{file}: key `devices.status_topic`: invalid topic filter \"devices/#/status\""
+            )),
+            "{}",
+            errors[2]
+        );
+    }
+
+    #[test]
+    fn unknown_log_format_is_rejected() {
+        let text = format!("{VALID}\n[log]\nformat = \"xml\"\n");
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .contains("key `log.format`: unknown variant `xml`, expected `text` or `json`"),
+            "{}",
+            errors[0]
         );
     }
 

@@ -1,7 +1,7 @@
 //! Events that are both logged and counted. Each function here writes the
 //! log line and bumps the counter together, so that the log and `/metrics`
-//! never disagree; the rest of the host calls these instead of logging such
-//! an event itself.
+//! never disagree. The rest of the host calls these functions instead of
+//! logging such an event itself.
 //!
 //! Repeated warnings are rate-limited per key (see [`RateLimiter`]); the
 //! counters still count every event.
@@ -120,9 +120,9 @@ impl Events {
         }
     }
 
-    /// Asks the rate limiter about `key`; returns whether to log, and logs
-    /// how many lines of that key it left out since the last one.
-    fn admit(&self, key: &str) -> bool {
+    /// Returns whether a line of `key` may be logged now. When it may, also
+    /// logs how many lines of that key were left out since the last one.
+    pub fn admit(&self, key: &str) -> bool {
         let decision = self
             .limiter
             .lock()
@@ -147,7 +147,8 @@ impl Events {
         }
     }
 
-    /// A message from the device of `topic` was routed to a pipeline.
+    /// Records that a message from the device of `topic` was routed to a
+    /// pipeline.
     pub fn message_received(&self, topic: &str) {
         let device = fleet::device_id(topic);
         if self.fleet.message(device, crate::clock::now_ms()) {
@@ -155,7 +156,8 @@ impl Events {
         }
     }
 
-    /// A message arrived on the status topic.
+    /// Records a message on the device status topic, and logs a change of
+    /// the device's status.
     pub fn device_status(&self, topic: &str, payload: &[u8]) {
         let device = fleet::device_id(topic);
         let Some(status) = DeviceStatus::parse(payload) else {
@@ -200,7 +202,8 @@ impl Events {
         }
     }
 
-    /// A plugin call trapped or ran out of time; its instance is replaced.
+    /// Logs that a plugin call trapped or ran out of time, after which its
+    /// instance is replaced.
     pub fn plugin_failed(&self, pipeline: &str, plugin: &str, topic: &str, error: &str) {
         if self.admit(&format!("plugin-failed/{pipeline}/{plugin}")) {
             tracing::warn!(
@@ -214,10 +217,10 @@ impl Events {
         }
     }
 
-    /// The sink task finished a batch: `delivered` inputs reached every
-    /// sink with `records` outputs, `dropped` were dropped by a stage, and
-    /// `letters` were stored as dead letters. Called once the dead letters
-    /// are stored, so that a counted dead letter is always in the store.
+    /// Counts a batch the sink task finished: `delivered` inputs reached
+    /// every sink with `records` outputs, `dropped` were dropped by a stage,
+    /// and `letters` were stored as dead letters. The sink task calls it
+    /// after storing the letters, so a counted dead letter is in the store.
     pub fn batch_finished(
         &self,
         pipeline: &str,
@@ -275,7 +278,8 @@ impl Events {
         }
     }
 
-    /// The sink task panicked and stored its whole batch as dead letters.
+    /// Counts the batch that the sink task stored as dead letters after it
+    /// panicked.
     pub fn batch_dead_lettered(
         &self,
         pipeline: &str,
@@ -287,7 +291,7 @@ impl Events {
     }
 }
 
-/// What the rate limiter decided for one line.
+/// The rate limiter's decision on one log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Write the line; `suppressed` lines of the same key were left out
@@ -320,8 +324,8 @@ struct KeyWindow {
     suppressed: u64,
 }
 
-/// Keys kept before old ones are forgotten; bounds the memory a stream of
-/// distinct keys (many devices) can take.
+/// Number of keys kept before expired ones are forgotten, which bounds the
+/// memory that many distinct keys (one per device, say) can take.
 const MAX_KEYS: usize = 10_000;
 
 impl RateLimiter {

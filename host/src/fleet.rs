@@ -11,9 +11,9 @@ use std::sync::Mutex;
 /// topic level, as in `devices/{id}/telemetry` and `devices/{id}/status`;
 /// a topic with a single level is its own id.
 ///
-/// NOTE: the pipelines route by the whole topic (see `Pipeline::worker_for`)
-/// and this reads the id from the topic too; a device key taken from a
-/// configured topic pattern or a payload field is not supported yet.
+/// NOTE: the pipelines route by the whole topic (see `Pipeline::worker_for`),
+/// and this function reads the id from the topic too. A device key taken from
+/// a configured topic pattern or a payload field is not supported yet.
 pub fn device_id(topic: &str) -> &str {
     let mut levels = topic.split('/');
     let first = levels.next().unwrap_or(topic);
@@ -52,7 +52,7 @@ impl DeviceStatus {
     }
 }
 
-/// What the host knows about one device. Times are ms since the Unix epoch.
+/// The host's record of one device. Times are ms since the Unix epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Device {
     pub first_seen_ms: u64,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Longest a request may take, from connecting to the end of the body.
+/// Maximum time of one request, from connecting to the end of the body.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A response: status code, headers (names in lower case) and body.

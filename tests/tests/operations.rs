@@ -140,7 +140,8 @@ async fn metrics_and_devices_match_real_data() {
             + value(&text, "eliot_messages_dead_lettered_total", &received);
         assert!(finished <= now_received, "finished {finished} > received {now_received}");
         assert!(now_received <= total, "received {now_received} > published {total}");
-        assert!(now_received >= last_received && finished >= last_finished, "a counter went back");
+        assert!(now_received >= last_received, "received went back from {last_received} to {now_received}");
+        assert!(finished >= last_finished, "finished went back from {last_finished} to {finished}");
         last_received = now_received;
         last_finished = finished;
         if finished == total {

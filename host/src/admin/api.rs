@@ -90,8 +90,8 @@ pub(super) async fn plugins(State(admin): State<Admin>) -> Json<Value> {
                 "reports_name": plugin.info.name,
                 "version": plugin.info.version,
                 "file": plugin.path.display().to_string(),
-                // The host's change-detection hash of the file's bytes; it
-                // tells versions apart, it is no checksum to verify against.
+                // The host's change-detection hash of the file's bytes. It
+                // distinguishes versions but is no checksum to verify against.
                 "hash": format!("{:016x}", plugin.digest),
                 "loaded_at": crate::clock::rfc3339_ms(plugin.loaded_at_ms),
                 "limits": {
@@ -111,8 +111,8 @@ pub(super) async fn plugins(State(admin): State<Admin>) -> Json<Value> {
 
 /// `GET /api/devices`: every device seen since the host started.
 ///
-/// NOTE: returns the whole registry in one answer; a fleet of very many
-/// devices makes it large.
+/// NOTE: returns the whole registry in one response, which is large for a
+/// fleet of very many devices.
 pub(super) async fn devices(State(admin): State<Admin>) -> Json<Value> {
     let devices: Vec<Value> = admin
         .state
@@ -308,12 +308,14 @@ async fn run_replay(admin: &Admin, selection: &Selection) -> ApiResult {
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
     let config = state.reloader.config().await;
+
     // The replay's MQTT sinks publish to the broker the host is connected
-    // to, also when the config says "embedded".
+    // to, also when `mqtt.broker` is "embedded".
     let options = ReplayOptions {
         broker: Some(state.broker.to_string()),
         skip_mqtt_sinks: false,
     };
+
     let mut outcomes = Vec::new();
     let summary = replay::replay(
         &config,
