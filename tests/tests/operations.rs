@@ -124,14 +124,33 @@ async fn metrics_and_devices_match_real_data() {
     for (topic, _) in &publishes {
         *expected_devices.entry(topic.split('/').nth(1).unwrap().to_owned()).or_default() += 1;
     }
-    let publisher = tokio::task::spawn_blocking(move || publish_all(port, &publishes, QoS::AtLeastOnce));
 
-    // During the run: every scrape is consistent and no counter goes back.
+    // Halfway: the first half is published and finished, and the scrape
+    // shows exactly that many.
+    let second_half = publishes.split_off(publishes.len() / 2);
+    let half = publishes.len() as u64;
+    tokio::task::block_in_place(|| publish_all(port, &publishes, QoS::AtLeastOnce));
     let received = [("pipeline", "telemetry")];
-    let mut last_finished = 0;
-    let mut last_received = 0;
-    let mut scrapes_during_run = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let text = scrape(admin).await;
+        let finished = value(&text, "eliot_messages_delivered_total", &received)
+            + value(&text, "eliot_messages_dropped_total", &received)
+            + value(&text, "eliot_messages_dead_lettered_total", &received);
+        if finished == half {
+            assert_eq!(value(&text, "eliot_messages_received_total", &received), half);
+            break;
+        }
+        assert!(finished < half, "finished {finished} > published {half}");
+        assert!(Instant::now() < deadline, "only {finished} of {half} finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // While the second half flows: every scrape is consistent and no
+    // counter goes back.
+    let publisher = tokio::task::spawn_blocking(move || publish_all(port, &second_half, QoS::AtLeastOnce));
+    let mut last_finished = half;
+    let mut last_received = half;
     loop {
         let text = scrape(admin).await;
         let now_received = value(&text, "eliot_messages_received_total", &received);
@@ -147,11 +166,9 @@ async fn metrics_and_devices_match_real_data() {
         if finished == total {
             break;
         }
-        scrapes_during_run += 1;
         assert!(Instant::now() < deadline, "only {finished} of {total} finished");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(scrapes_during_run > 0, "at least one scrape saw the run in progress");
     publisher.await.unwrap();
     publish_blocking(port, &[("devices/bike_001/status", "offline")]);
 
@@ -393,4 +410,120 @@ async fn mutating_requests_need_token() {
     assert_eq!(disabled.status, 403);
     assert!(disabled.json()["error"].as_str().unwrap().contains("ELIOT_OPS_TEST_UNSET_TOKEN is not set"), "{}", disabled.body);
     host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_writes_json_log_lines() {
+    use eliot_tests::process::HostProcess;
+
+    const ELIOT: &str = env!("CARGO_BIN_EXE_eliot-under-test");
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_LOG_TOKEN";
+    const TOKEN: &str = "log-secret-77d1";
+    // The child process inherits the variable.
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::builder().max_queued_messages(0).start();
+    let plugin = tokio::task::spawn_blocking(|| eliot_tests::plugins::build_plugin("flaky-panic")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A breaker that never opens in this test, so that every message
+    // reaches the plugin and traps.
+    let text = format!(
+        r#"
+[mqtt]
+broker = "{broker}"
+client_id = "eliot-ops-json"
+keep_alive_secs = 5
+
+[runtime]
+cache_dir = "cache"
+watch = false
+
+[dead_letters]
+path = "out/dead-letters.sqlite"
+
+[plugins.flaky]
+file = "{plugin}"
+breaker = {{ failure_threshold = 1000 }}
+
+[pipelines.telemetry]
+topics = ["devices/+/telemetry"]
+stages = ["flaky"]
+sinks = ["file"]
+
+[sinks.file]
+type = "file"
+path = "out/processed.jsonl"
+
+[log]
+format = "json"
+
+[admin]
+listen = "127.0.0.1:0"
+token_env = "{TOKEN_ENV}"
+"#,
+        broker = broker.address(),
+        plugin = plugin.display(),
+    );
+    let config = dir.path().join("eliot.toml");
+    std::fs::write(&config, text).unwrap();
+    let log_path = dir.path().join("host.log");
+    let mut host = tokio::task::block_in_place(|| HostProcess::start(Path::new(ELIOT), &config, &log_path));
+
+    // The test reads the admin address from the log, as an operator would.
+    let lines = || -> Vec<Value> {
+        read_complete_lines(&log_path)
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}")))
+            .collect()
+    };
+    let listening = lines().into_iter().find(|l| l["fields"]["message"] == "admin server listening").expect("the admin address is logged");
+    let admin: SocketAddr = listening["fields"]["address"].as_str().unwrap().parse().unwrap();
+
+    let messages: Vec<(String, String)> =
+        (0..20).map(|n| (format!("devices/sensor_{}/telemetry", n % 2), format!(r#"{{"n": {n}, "note": "fail"}}"#))).collect();
+    tokio::task::block_in_place(|| publish_all(broker.port(), &messages, QoS::AtLeastOnce));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = scrape(admin).await;
+        if value(&text, "eliot_messages_dead_lettered_total", &[("kind", "trap")]) == 20 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "20 traps were not dead-lettered:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::task::block_in_place(|| host.terminate(Duration::from_secs(30)));
+
+    // A plugin failure is logged inside the message and stage spans, with
+    // the ids of the message.
+    let lines = lines();
+    let failures: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "plugin failed; its instance is replaced").collect();
+    assert!(!failures.is_empty(), "no plugin failure was logged");
+    for failure in &failures {
+        assert_eq!(failure["level"], "WARN");
+        assert_eq!(failure["span"]["name"], "stage", "{failure}");
+        assert_eq!(failure["span"]["stage"], "flaky", "{failure}");
+        assert_eq!(failure["span"]["plugin_version"], "0.1.0", "{failure}");
+        let message = &failure["spans"][0];
+        assert_eq!(message["name"], "message", "{failure}");
+        assert_eq!(message["pipeline"], "telemetry", "{failure}");
+        assert_eq!(message["messaging.system"], "mqtt", "{failure}");
+        let device = message["device"].as_str().unwrap();
+        assert_eq!(message["topic"], format!("devices/{device}/telemetry"), "{failure}");
+        assert_eq!(failure["fields"]["device"], device, "{failure}");
+    }
+    let letters: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "message dead-lettered").collect();
+    for letter in &letters {
+        assert_eq!(letter["fields"]["kind"], "trap", "{letter}");
+        assert_eq!(letter["fields"]["stage"], "flaky", "{letter}");
+        assert_eq!(letter["fields"]["pipeline"], "telemetry", "{letter}");
+    }
+
+    // Rate limiting: every event was either logged or counted as
+    // suppressed, 20 plugin failures and 20 dead letters.
+    let suppressed = value(&text, "eliot_log_lines_suppressed_total", &[]);
+    assert_eq!(failures.len() as u64 + letters.len() as u64 + suppressed, 40);
+    assert!(failures.len() <= 20, "{} failure lines", failures.len());
+    assert!(letters.len() <= 20, "{} dead-letter lines", letters.len());
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains(TOKEN), "the admin token is never logged");
 }
