@@ -204,11 +204,19 @@ impl Events {
 
     /// Logs that a plugin call trapped or ran out of time, after which its
     /// instance is replaced.
-    pub fn plugin_failed(&self, pipeline: &str, plugin: &str, topic: &str, error: &str) {
+    pub fn plugin_failed(
+        &self,
+        pipeline: &str,
+        plugin: &str,
+        version: &str,
+        topic: &str,
+        error: &str,
+    ) {
         if self.admit(&format!("plugin-failed/{pipeline}/{plugin}")) {
             tracing::warn!(
                 pipeline,
                 plugin,
+                plugin_version = version,
                 device = fleet::device_id(topic),
                 topic,
                 error,

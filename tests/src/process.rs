@@ -23,11 +23,17 @@ impl HostProcess {
     /// Panics when the process cannot start or does not connect within
     /// 60 s, with the log.
     pub fn start(binary: &Path, config: &Path, log: &Path) -> Self {
+        Self::start_with_log_filter(binary, config, log, "info")
+    }
+
+    /// Does the same as [`start`](Self::start) with `RUST_LOG` set to
+    /// `filter`.
+    pub fn start_with_log_filter(binary: &Path, config: &Path, log: &Path, filter: &str) -> Self {
         let stderr = File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let child = Command::new(binary)
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -466,7 +466,10 @@ token_env = "{TOKEN_ENV}"
     let config = dir.path().join("eliot.toml");
     std::fs::write(&config, text).unwrap();
     let log_path = dir.path().join("host.log");
-    let mut host = tokio::task::block_in_place(|| HostProcess::start(Path::new(ELIOT), &config, &log_path));
+    // The per-message spans are at DEBUG.
+    let mut host = tokio::task::block_in_place(|| {
+        HostProcess::start_with_log_filter(Path::new(ELIOT), &config, &log_path, "info,eliot::pipeline=debug")
+    });
 
     // The test reads the admin address from the log, as an operator would.
     let lines = || -> Vec<Value> {
@@ -509,6 +512,9 @@ token_env = "{TOKEN_ENV}"
         let device = message["device"].as_str().unwrap();
         assert_eq!(message["topic"], format!("devices/{device}/telemetry"), "{failure}");
         assert_eq!(failure["fields"]["device"], device, "{failure}");
+        assert_eq!(failure["fields"]["pipeline"], "telemetry", "{failure}");
+        assert_eq!(failure["fields"]["plugin"], "flaky", "{failure}");
+        assert_eq!(failure["fields"]["plugin_version"], "0.1.0", "{failure}");
     }
     let letters: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "message dead-lettered").collect();
     for letter in &letters {
