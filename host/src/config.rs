@@ -130,7 +130,7 @@ struct RawDevicesConfig {
 }
 
 /// The device status subscription, which tells whether a device is online.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DevicesConfig {
     /// Filter of the topics on which devices publish `online` and `offline`
     /// (typically retained, with `offline` as their MQTT will). `None`: no
