@@ -146,6 +146,41 @@ impl Host {
         }
         let pipelines = PipelineSet::new(pipelines);
 
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            runtime.clone(),
+            config_for_reload,
+            plugins,
+            pipelines.clone(),
+            launcher.clone(),
+        ));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (connected_tx, connected) = watch::channel(false);
+        // The admin server binds before the source starts, so that a port in
+        // use fails the start before any message is read.
+        let (admin_address, admin_task) = match &config.admin {
+            None => (None, None),
+            Some(admin) => {
+                let state = Arc::new(crate::admin::AdminState {
+                    pipelines: pipelines.clone(),
+                    sinks: sinks.clone(),
+                    reloader: reloader.clone(),
+                    supervisor: supervisor.clone(),
+                    connected: connected.clone(),
+                    dead_letters: dead_letters.clone(),
+                    events: events.clone(),
+                    broker,
+                    token: admin_token(&admin.token_env),
+                    token_env: admin.token_env.clone(),
+                    mutation: tokio::sync::Mutex::new(()),
+                });
+                let (address, task) =
+                    crate::admin::serve(admin.listen, state, shutdown.subscribe()).await?;
+                tracing::info!(address = %address, "admin server listening");
+                (Some(address), Some(task))
+            }
+        };
+
         let options = SourceOptions {
             host: broker.ip().to_string(),
             port: broker.port(),
@@ -154,8 +189,6 @@ impl Host {
             max_packet_bytes: config.mqtt.max_packet_bytes,
         };
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let (connected_tx, connected) = watch::channel(false);
         let ack_queue = crate::pipeline::AckQueue::new(ack_tx);
         let (client, eventloop) = source::connect(&options);
         let (client_tx, client_rx) = watch::channel(client.clone());
@@ -180,37 +213,6 @@ impl Host {
             acker,
             supervisor.clone(),
         ));
-
-        let reloader = Arc::new(crate::reload::Reloader::new(
-            runtime.clone(),
-            config_for_reload,
-            plugins,
-            pipelines.clone(),
-            launcher.clone(),
-        ));
-
-        let (admin_address, admin_task) = match &config.admin {
-            None => (None, None),
-            Some(admin) => {
-                let state = Arc::new(crate::admin::AdminState {
-                    pipelines: pipelines.clone(),
-                    sinks: sinks.clone(),
-                    reloader: reloader.clone(),
-                    supervisor: supervisor.clone(),
-                    connected: connected.clone(),
-                    dead_letters: dead_letters.clone(),
-                    events: events.clone(),
-                    broker,
-                    token: admin_token(&admin.token_env),
-                    token_env: admin.token_env.clone(),
-                    mutation: tokio::sync::Mutex::new(()),
-                });
-                let (address, task) =
-                    crate::admin::serve(admin.listen, state, shutdown.subscribe()).await?;
-                tracing::info!(address = %address, "admin server listening");
-                (Some(address), Some(task))
-            }
-        };
 
         Ok(Self {
             broker,

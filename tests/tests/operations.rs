@@ -533,3 +533,22 @@ token_env = "{TOKEN_ENV}"
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(!log.contains(TOKEN), "the admin token is never logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_in_use_fails_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-port", "ELIOT_OPS_TEST_UNSET_TOKEN");
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    config.admin.as_mut().unwrap().listen = listen;
+
+    let error = match Host::start(config).await {
+        Ok(_) => panic!("the host started although port {port} is in use"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.starts_with(&format!("admin.listen: cannot listen on {listen}: ")), "{error}");
+    assert!(error.ends_with("choose a free port, or port 0 for any"), "{error}");
+}
