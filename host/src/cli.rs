@@ -114,8 +114,12 @@ enum PluginCommand {
 
 /// Parses the arguments, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
-    crate::init_logging();
     let cli = Cli::parse();
+    // `run` reads its log format from the config, so it installs the
+    // subscriber once the config is loaded.
+    if !matches!(cli.command, Command::Run { .. }) {
+        crate::init_logging();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -273,6 +277,7 @@ pub(crate) fn load_config(path: &Path) -> anyhow::Result<Config> {
 async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut signals = StopSignals::new()?;
     let config = load_config(config_path)?;
+    crate::init_logging_with(config.log.format);
     let watch = config.watch;
     let host = Host::start(config).await?;
     // Dropping the watcher stops reloads; it lives as long as `run`.

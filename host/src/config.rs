@@ -68,6 +68,74 @@ struct RawConfig {
     pipelines: BTreeMap<String, RawPipelineConfig>,
     #[serde(default)]
     sinks: BTreeMap<String, RawSinkConfig>,
+    #[serde(default)]
+    log: LogConfig,
+    /// Absent: no admin server. An HTTP port is something an operator opens
+    /// on purpose, so it is never on by default.
+    admin: Option<RawAdminConfig>,
+    #[serde(default)]
+    devices: RawDevicesConfig,
+}
+
+/// The log settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event, for a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for a log collector.
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminConfig {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    #[serde(default = "default_admin_token_env")]
+    token_env: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+
+fn default_admin_token_env() -> String {
+    "ELIOT_ADMIN_TOKEN".to_owned()
+}
+
+/// The admin HTTP server: health, metrics and the JSON API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to listen on; port 0 picks a free port, which is logged.
+    pub listen: std::net::SocketAddr,
+    /// Environment variable that contains the bearer token of the mutating
+    /// endpoints. The token itself never appears in the config or the log.
+    pub token_env: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevicesConfig {
+    status_topic: Option<String>,
+}
+
+/// The device status subscription, which tells whether a device is online.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DevicesConfig {
+    /// Filter of the topics on which devices publish `online` and `offline`
+    /// (typically retained, with `offline` as their MQTT will). `None`: no
+    /// status subscription, and a device's online state stays unknown.
+    pub status_topic: Option<TopicFilter>,
 }
 
 /// The broker connection.
@@ -349,6 +417,9 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     pub pipelines: BTreeMap<String, PipelineConfig>,
     pub sinks: BTreeMap<String, SinkConfig>,
+    pub log: LogConfig,
+    pub admin: Option<AdminConfig>,
+    pub devices: DevicesConfig,
 }
 
 /// One plugin: its component file and the config table it is given.
@@ -1003,6 +1074,8 @@ impl Validator<'_> {
             );
         }
 
+        let admin = raw.admin.and_then(|admin| self.admin(admin));
+        let devices = self.devices(raw.devices);
         let config = Config {
             file: file.to_owned(),
             overlay,
@@ -1016,8 +1089,58 @@ impl Validator<'_> {
             plugins,
             pipelines,
             sinks,
+            log: raw.log,
+            admin,
+            devices,
         };
         (config, self.errors)
+    }
+
+    fn admin(&mut self, raw: RawAdminConfig) -> Option<AdminConfig> {
+        let listen = raw.listen.parse::<std::net::SocketAddr>();
+        if listen.is_err() {
+            self.error(
+                "admin.listen",
+                format!("\"{}\" is not an IP:port address", raw.listen),
+                "write it as \"127.0.0.1:9464\", or port 0 for a free port",
+            );
+        }
+        let valid_name = !raw.token_env.is_empty()
+            && raw
+                .token_env
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            self.error(
+                "admin.token_env",
+                format!(
+                    "\"{}\" is not an environment variable name",
+                    raw.token_env
+                ),
+                "name the variable that holds the token, for example \"ELIOT_ADMIN_TOKEN\"; never write the token itself here",
+            );
+        }
+        Some(AdminConfig {
+            listen: listen.ok()?,
+            token_env: raw.token_env,
+        })
+    }
+
+    fn devices(&mut self, raw: RawDevicesConfig) -> DevicesConfig {
+        let status_topic = raw
+            .status_topic
+            .and_then(|filter| match TopicFilter::parse(&filter) {
+                Ok(parsed) => Some(parsed),
+                Err(problem) => {
+                    self.error(
+                        "devices.status_topic",
+                        format!("invalid topic filter \"{filter}\": {problem}"),
+                        "use a filter such as \"devices/+/status\"",
+                    );
+                    None
+                }
+            });
+        DevicesConfig { status_topic }
     }
 }
 
@@ -1094,6 +1217,70 @@ path = "out/processed.jsonl"
         assert_eq!(
             config.plugins["enrich"].config,
             serde_json::json!({"pattern": "a/{device_id}", "limit": 3, "ratio": 0.5})
+        );
+    }
+
+    #[test]
+    fn operations_tables_default_off() {
+        let (_dir, file) = setup();
+        let config = Config::parse(&file, VALID).unwrap();
+        assert_eq!(config.admin, None, "no admin server without [admin]");
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert!(config.devices.status_topic.is_none());
+    }
+
+    #[test]
+    fn operations_tables_parse() {
+        let (_dir, file) = setup();
+        let text = format!(
+            "{VALID}\n[admin]\n\n[log]\nformat = \"json\"\n\n[devices]\nstatus_topic = \"devices/+/status\"\n"
+        );
+        let config = Config::parse(&file, &text).unwrap();
+        let admin = config.admin.unwrap();
+        assert_eq!(admin.listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(admin.token_env, "ELIOT_ADMIN_TOKEN");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.devices.status_topic.unwrap().as_str(),
+            "devices/+/status"
+        );
+    }
+
+    #[test]
+    fn bad_operations_values_name_key_and_fix() {
+        let text = format!(
+            "{VALID}\n[admin]\nlisten = \"localhost\"\ntoken_env = \"s3cr3t token\"\n\n[devices]\nstatus_topic = \"devices/#/status\"\n"
+        );
+        let (file, errors) = errors(&text);
+        let file = file.display();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            format!("{file}: key `admin.listen`: \"localhost\" is not an IP:port address; write it as \"127.0.0.1:9464\", or port 0 for a free port")
+        );
+        assert_eq!(
+            errors[1],
+            format!("{file}: key `admin.token_env`: \"s3cr3t token\" is not an environment variable name; name the variable that holds the token, for example \"ELIOT_ADMIN_TOKEN\"; never write the token itself here")
+        );
+        assert!(
+            errors[2].starts_with(&format!(
+                "{file}: key `devices.status_topic`: invalid topic filter \"devices/#/status\""
+            )),
+            "{}",
+            errors[2]
+        );
+    }
+
+    #[test]
+    fn unknown_log_format_is_rejected() {
+        let text = format!("{VALID}\n[log]\nformat = \"xml\"\n");
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .contains("key `log.format`: unknown variant `xml`, expected `text` or `json`"),
+            "{}",
+            errors[0]
         );
     }
 

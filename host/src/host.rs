@@ -31,6 +31,11 @@ pub struct Host {
     pub pipelines: Arc<PipelineSet>,
     launcher: Arc<PipelineLauncher>,
     pub sinks: BTreeMap<String, Arc<Sink>>,
+    /// Device registry, per-stage counters and the log rate limiter.
+    pub events: Arc<crate::events::Events>,
+    /// Bound address of the admin HTTP server, when `[admin]` is set.
+    pub admin_address: Option<SocketAddr>,
+    admin_task: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     connected: watch::Receiver<bool>,
     source: JoinHandle<()>,
@@ -120,11 +125,15 @@ impl Host {
 
         // NOTE: a fixed restart intensity; it is not configurable yet.
         let supervisor = Arc::new(Supervisor::new(10, Duration::from_secs(60)));
+        let events = Arc::new(crate::events::Events::new(
+            config.devices.status_topic.clone(),
+        ));
         let launcher = Arc::new(PipelineLauncher {
             sinks: sinks.clone(),
             dead_letters: dead_letters.clone(),
             supervisor: supervisor.clone(),
             sink_tasks: std::sync::Mutex::new(Vec::new()),
+            events: events.clone(),
         });
         let mut pipelines = Vec::new();
         for pipeline in config.pipelines.values() {
@@ -137,6 +146,41 @@ impl Host {
         }
         let pipelines = PipelineSet::new(pipelines);
 
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            runtime.clone(),
+            config_for_reload,
+            plugins,
+            pipelines.clone(),
+            launcher.clone(),
+        ));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (connected_tx, connected) = watch::channel(false);
+        // The admin server binds before the source starts, so that a port in
+        // use fails the start before any message is read.
+        let (admin_address, admin_task) = match &config.admin {
+            None => (None, None),
+            Some(admin) => {
+                let state = Arc::new(crate::admin::AdminState {
+                    pipelines: pipelines.clone(),
+                    sinks: sinks.clone(),
+                    reloader: reloader.clone(),
+                    supervisor: supervisor.clone(),
+                    connected: connected.clone(),
+                    dead_letters: dead_letters.clone(),
+                    events: events.clone(),
+                    broker,
+                    token: admin_token(&admin.token_env),
+                    token_env: admin.token_env.clone(),
+                    mutation: tokio::sync::Mutex::new(()),
+                });
+                let (address, task) =
+                    crate::admin::serve(admin.listen, state, shutdown.subscribe()).await?;
+                tracing::info!(address = %address, "admin server listening");
+                (Some(address), Some(task))
+            }
+        };
+
         let options = SourceOptions {
             host: broker.ip().to_string(),
             port: broker.port(),
@@ -145,8 +189,6 @@ impl Host {
             max_packet_bytes: config.mqtt.max_packet_bytes,
         };
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let (connected_tx, connected) = watch::channel(false);
         let ack_queue = crate::pipeline::AckQueue::new(ack_tx);
         let (client, eventloop) = source::connect(&options);
         let (client_tx, client_rx) = watch::channel(client.clone());
@@ -166,18 +208,12 @@ impl Host {
                 shutdown: shutdown_rx,
                 connected: connected_tx,
                 max_payload_bytes: config.mqtt.max_packet_bytes,
+                events: events.clone(),
             },
             acker,
             supervisor.clone(),
         ));
 
-        let reloader = Arc::new(crate::reload::Reloader::new(
-            runtime.clone(),
-            config_for_reload,
-            plugins,
-            pipelines.clone(),
-            launcher.clone(),
-        ));
         Ok(Self {
             broker,
             supervisor,
@@ -185,6 +221,9 @@ impl Host {
             pipelines,
             launcher,
             sinks,
+            events,
+            admin_address,
+            admin_task,
             shutdown,
             connected,
             source,
@@ -246,12 +285,33 @@ impl Host {
             for task in self.launcher.take_sink_tasks() {
                 let _ = task.await;
             }
+            // The admin server stopped taking requests when the shutdown
+            // began; this waits for the ones in progress.
+            if let Some(task) = self.admin_task {
+                let _ = task.await;
+            }
         };
         if tokio::time::timeout(deadline, drain).await.is_err() {
             tracing::warn!(
                 deadline_ms = deadline.as_millis() as u64,
                 "shutdown deadline passed; unacknowledged messages will be redelivered"
             );
+        }
+    }
+}
+
+/// Reads the admin bearer token from the variable `name`. An unset or empty
+/// variable disables the mutating endpoints, which is logged; the token
+/// itself never is.
+fn admin_token(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(token) if !token.is_empty() => Some(token),
+        _ => {
+            tracing::warn!(
+                variable = name,
+                "admin replay and purge are disabled because the token variable is not set"
+            );
+            None
         }
     }
 }
@@ -264,6 +324,7 @@ struct SourceShared {
     shutdown: watch::Receiver<bool>,
     connected: watch::Sender<bool>,
     max_payload_bytes: usize,
+    events: Arc<crate::events::Events>,
 }
 
 /// Runs the source task and restarts it after a panic with a new broker
@@ -290,6 +351,7 @@ async fn supervise_source(
             shared.shutdown.clone(),
             &shared.connected,
             shared.max_payload_bytes,
+            &shared.events,
         );
         match std::panic::AssertUnwindSafe(run).catch_unwind().await {
             Ok(finished) => {

@@ -88,6 +88,11 @@ impl Reloader {
         }
     }
 
+    /// Returns a copy of the configuration in force.
+    pub async fn config(&self) -> Config {
+        self.state.lock().await.config.clone()
+    }
+
     /// Returns the plugin currently loaded under `name`.
     pub async fn plugin(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
         let state = self.state.lock().await;
@@ -710,6 +715,17 @@ fn needs_restart(old: &Config, new: &Config) -> Option<(String, String)> {
     if old.sinks != new.sinks {
         return restart("sinks");
     }
+    // The log subscriber, the admin server and the status subscription are
+    // set up once at start.
+    if old.log != new.log {
+        return restart("log");
+    }
+    if old.admin != new.admin {
+        return restart("admin");
+    }
+    if old.devices != new.devices {
+        return restart("devices");
+    }
     for (name, before) in &old.pipelines {
         // A pipeline added or removed applies live.
         let Some(after) = new.pipelines.get(name) else {
@@ -856,6 +872,23 @@ path = "out/processed.jsonl"
                     "sinks = [\"file\"]",
                     "sinks = [\"file\"]\ndevice_key = { payload = \"id\" }",
                 )
+            }),
+        ];
+        for (key, edit) in cases {
+            assert_eq!(restart_key(edit).as_deref(), Some(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn operations_changes_need_restart() {
+        type Edit = fn(&str) -> String;
+        let cases: [(&str, Edit); 3] = [
+            ("log", |t| format!("{t}\n[log]\nformat = \"json\"\n")),
+            ("admin", |t| {
+                format!("{t}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+            }),
+            ("devices", |t| {
+                format!("{t}\n[devices]\nstatus_topic = \"devices/+/status\"\n")
             }),
         ];
         for (key, edit) in cases {

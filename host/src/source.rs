@@ -10,6 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 
+use crate::events::Events;
 use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline, PipelineSet};
 use crate::stats;
 use crate::wasm::{Message, Qos};
@@ -99,6 +100,9 @@ pub fn set_tcp_nodelay(eventloop: &mut EventLoop) {
 ///
 /// Reconnects with backoff after a connection error and subscribes again
 /// on every connect.
+// The arguments are the state the supervisor keeps across restarts; a
+// struct for them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: AsyncClient,
     mut eventloop: EventLoop,
@@ -107,6 +111,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     connected: &watch::Sender<bool>,
     max_payload_bytes: usize,
+    events: &Events,
 ) -> (AsyncClient, EventLoop) {
     let mut backoff = ReconnectBackoff::new();
     // Messages read from the broker and not yet taken by a worker, in
@@ -123,7 +128,7 @@ pub async fn run(
     loop {
         if std::mem::take(&mut filters_changed) {
             let pipelines = set.current();
-            follow_filters(&client, &pipelines, &mut subscribed).await;
+            follow_filters(&client, &pipelines, events, &mut subscribed).await;
         }
         // Hand over what the workers have room for, oldest first.
         while let Some(routed) = pending.pop_front() {
@@ -157,6 +162,7 @@ pub async fn run(
                     ack_queue,
                     max_payload_bytes,
                     &mut pending,
+                    events,
                 );
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -173,7 +179,8 @@ pub async fn run(
                 // every filter, because what is published before that
                 // reaches no subscriber.
                 subscribed.clear();
-                awaiting_subacks = follow_filters(&client, &pipelines, &mut subscribed).await;
+                awaiting_subacks =
+                    follow_filters(&client, &pipelines, events, &mut subscribed).await;
                 if awaiting_subacks == 0 {
                     connected.send_replace(true);
                 }
@@ -255,15 +262,21 @@ pub async fn drain(
 /// Filters subscribed on the current connection, with their QoS.
 type Subscriptions = BTreeMap<String, QoS>;
 
-/// Subscribes every filter of `pipelines` that is not in `subscribed` (or
-/// whose QoS changed), and unsubscribes every filter no pipeline has any
-/// more, one request each. Returns how many subscribe requests were queued.
+/// Subscribes every filter of `pipelines` and the device status filter that
+/// is not in `subscribed` (or whose QoS changed), and unsubscribes every
+/// filter no pipeline has any more, one request each. Returns how many
+/// subscribe requests were queued.
 async fn follow_filters(
     client: &AsyncClient,
     pipelines: &[Arc<Pipeline>],
+    events: &Events,
     subscribed: &mut Subscriptions,
 ) -> usize {
     let mut wanted = Subscriptions::new();
+    if let Some(filter) = &events.status_topic {
+        // QoS 1, so that a device's last will is not lost on the way.
+        wanted.insert(filter.as_str().to_owned(), QoS::AtLeastOnce);
+    }
     for pipeline in pipelines {
         for filter in &pipeline.config.topics {
             // Two pipelines on one filter: the higher QoS serves both.
@@ -318,6 +331,7 @@ fn route(
     acks: &Arc<AckQueue>,
     max_payload_bytes: usize,
     pending: &mut VecDeque<Routed>,
+    events: &Events,
 ) {
     #[cfg(feature = "fault-injection")]
     if publish.topic.contains(FAULT_INJECTION_SOURCE_TOPIC_LEVEL) && inject_once(&SOURCE_FAULT) {
@@ -327,7 +341,18 @@ fn route(
         .iter()
         .filter(|p| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
         .collect();
+    let status = events
+        .status_topic
+        .as_ref()
+        .is_some_and(|filter| filter.matches(&publish.topic));
+    if status {
+        events.device_status(&publish.topic, &publish.payload);
+    }
     let ack = AckHandle::new(publish.clone(), matching.len().max(1), acks);
+    if matching.is_empty() && status {
+        ack.finish();
+        return;
+    }
     if matching.is_empty() {
         // Can happen with overlapping subscriptions kept from an older
         // configuration in a persistent session.
@@ -355,6 +380,9 @@ fn route(
             .headers
             .push((OVERSIZED_HEADER.to_owned(), max_payload_bytes.to_string()));
     }
+    // The device registry counts the message once, under the id the first
+    // pipeline's device key gave, or the topic's second level without one.
+    let mut registered_id: Option<String> = None;
     for pipeline in matching {
         let mut message = message.clone();
         let key = &pipeline.config.device_key;
@@ -372,6 +400,7 @@ fn route(
                     message
                         .headers
                         .push((crate::device::DEVICE_ID_HEADER.to_owned(), id.to_string()));
+                    registered_id.get_or_insert_with(|| id.to_string());
                 }
                 pipeline.worker_for(&id)
             }
@@ -393,6 +422,10 @@ fn route(
             },
         });
     }
+    let device = registered_id
+        .as_deref()
+        .unwrap_or_else(|| crate::fleet::device_id(&publish.topic));
+    events.message_received(device, &publish.topic);
 }
 
 /// Header that marks a message whose payload exceeds `mqtt.max_payload_bytes`.

@@ -8,6 +8,7 @@
 //! - [`dead_letters`]: reads the host's dead-letter store.
 //! - [`data`]: the bundled sensor CSVs as the device messages the simulator
 //!   sends.
+//! - [`http`]: a minimal HTTP client for the admin server.
 //! - [`wait`]: bounded polling waits.
 //!
 //! Helpers panic with a message that names what failed, because they run
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod config;
 pub mod data;
 pub mod dead_letters;
+pub mod http;
 pub mod mqtt;
 pub mod plugins;
 pub mod process;

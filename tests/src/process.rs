@@ -23,7 +23,7 @@ impl HostProcess {
     /// Panics when the process cannot start or does not connect within
     /// 60 s, with the log.
     pub fn start(binary: &Path, config: &Path, log: &Path) -> Self {
-        Self::start_with_env(binary, config, log, &[])
+        Self::spawn(binary, config, log, &[], "info")
     }
 
     /// Does the same as [`HostProcess::start`] with the environment
@@ -33,6 +33,16 @@ impl HostProcess {
     ///
     /// See [`HostProcess::start`].
     pub fn start_with_env(binary: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn(binary, config, log, env, "info")
+    }
+
+    /// Does the same as [`start`](Self::start) with `RUST_LOG` set to
+    /// `filter`.
+    pub fn start_with_log_filter(binary: &Path, config: &Path, log: &Path, filter: &str) -> Self {
+        Self::spawn(binary, config, log, &[], filter)
+    }
+
+    fn spawn(binary: &Path, config: &Path, log: &Path, env: &[(&str, &str)], filter: &str) -> Self {
         let stderr = File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let mut command = Command::new(binary);
         // Only the layers the test passes in `env`, none inherited from the
@@ -44,7 +54,7 @@ impl HostProcess {
             .args(["run", "--config"])
             .arg(config)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

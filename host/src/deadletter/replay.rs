@@ -274,6 +274,8 @@ impl Replayer {
                 pipeline.name.clone(),
                 stages,
                 Arc::new(PipelineStats::default()),
+                // A replay's counts stay out of the running host's metrics.
+                Arc::new(crate::events::Events::default()),
             );
             let mut route = Route {
                 chain: Some(chain),

@@ -210,6 +210,8 @@ pub struct LoadedPlugin {
     /// Hash of the component file's bytes, to tell a changed file from a
     /// touched one. Not a security check.
     pub digest: u64,
+    /// When this version was loaded, in ms since the Unix epoch.
+    pub loaded_at_ms: u64,
     config_json: String,
     pre: PluginPre<StoreState>,
     engine: wasmtime::Engine,
@@ -276,6 +278,7 @@ impl LoadedPlugin {
             max_retries: config.max_retries,
             counters: PluginCounters::default(),
             digest: digest(bytes),
+            loaded_at_ms: crate::clock::now_ms(),
             config_json: config.config.to_string(),
             pre,
             engine: runtime.engine.clone(),
