@@ -276,8 +276,12 @@ pub(crate) fn load_config(path: &Path) -> anyhow::Result<Config> {
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut signals = StopSignals::new()?;
-    let config = load_config(config_path)?;
+    let config = Config::load_layered(config_path, &Layers::from_process())
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    // The log format is part of the configuration, so logging starts once
+    // the configuration is read, and its first line names the layers.
     crate::init_logging_with(config.log.format);
+    tracing::info!(layers = %config.describe_layers(), "configuration loaded");
     let watch = config.watch;
     let host = Host::start(config).await?;
     // Dropping the watcher stops reloads; it lives as long as `run`.
