@@ -82,6 +82,94 @@ pub struct MqttConfig {
     /// Largest packet the client accepts or sends, in bytes.
     #[serde(default = "default_max_packet_bytes")]
     pub max_packet_bytes: usize,
+    /// MQTT version spoken to the broker.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT 5 only: how long the broker keeps the session (subscriptions
+    /// and unacknowledged messages) after the host disconnects, in seconds.
+    /// `None` sends the maximum, which MQTT 5 defines as "never expires"
+    /// and is what a 3.1.1 persistent session does.
+    pub session_expiry_secs: Option<u32>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS to the broker; absent means plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The MQTT protocol version of the broker connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// Port of MQTT over TLS when `mqtt.broker` names none (IANA's
+/// "secure-mqtt").
+pub const TLS_PORT: u16 = 8883;
+
+impl MqttConfig {
+    /// Host and port of an external broker, with [`TLS_PORT`] when TLS is
+    /// on and `broker` has no port. `None` for `"embedded"` and for an
+    /// address without a port on plain TCP, which validation rejects.
+    pub fn address(&self) -> Option<(String, u16)> {
+        if self.broker == "embedded" {
+            return None;
+        }
+        crate::broker::parse_address(&self.broker).or_else(|| {
+            let host = self.broker.trim_start_matches('[').trim_end_matches(']');
+            let bare = !host.is_empty() && (!host.contains(':') || self.broker.starts_with('['));
+            (self.tls.is_some() && bare).then(|| (host.to_owned(), TLS_PORT))
+        })
+    }
+}
+
+/// A secret from the configuration. Its `Debug` and `Display` print `***`,
+/// so that it can appear in no log line and no error text by accident.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `[mqtt.tls]`: the broker's CA and, for mutual TLS, the client's
+/// certificate and key, all PEM files. Relative paths are resolved against
+/// the folder of the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificates that may sign the broker's certificate; absent means
+    /// the operating system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// Name checked against the broker's certificate instead of the host of
+    /// `mqtt.broker`, for a broker reached by an address its certificate
+    /// does not name.
+    pub server_name: Option<String>,
 }
 
 /// Smallest `mqtt.max_packet_bytes` accepted: below it not even a CONNECT
@@ -289,6 +377,7 @@ struct RawPipelineConfig {
     workers: usize,
     stages: Vec<String>,
     sinks: Vec<String>,
+    share_group: Option<String>,
 }
 
 fn default_qos() -> u8 {
@@ -359,6 +448,22 @@ pub struct PipelineConfig {
     pub workers: usize,
     pub stages: Vec<String>,
     pub sinks: Vec<String>,
+    /// Shared-subscription group: the pipeline subscribes to
+    /// `$share/GROUP/FILTER`, so that the broker splits the messages among
+    /// every client in the group.
+    pub share_group: Option<String>,
+}
+
+impl PipelineConfig {
+    /// The filters as subscribed: `$share/GROUP/FILTER` in a share group,
+    /// the plain filter otherwise. Incoming topics are matched against the
+    /// plain filters in [`PipelineConfig::topics`].
+    pub fn subscriptions(&self) -> impl Iterator<Item = String> + '_ {
+        self.topics.iter().map(|filter| match &self.share_group {
+            Some(group) => format!("$share/{group}/{}", filter.as_str()),
+            None => filter.as_str().to_owned(),
+        })
+    }
 }
 
 /// Where a pipeline's results go, and the sink's breaker.
@@ -510,16 +615,97 @@ impl Validator<'_> {
         }
     }
 
+    /// Checks the protocol, credentials and TLS keys of `[mqtt]`, and
+    /// resolves the TLS file paths.
+    fn validate_mqtt(&mut self, mqtt: &mut MqttConfig) {
+        if mqtt.protocol == Protocol::V311 && mqtt.session_expiry_secs.is_some() {
+            self.error(
+                "mqtt.session_expiry_secs",
+                "session expiry exists only in MQTT 5, but mqtt.protocol is \"3.1.1\"",
+                "set protocol = \"5\", or remove the key: a 3.1.1 session is kept until the client returns",
+            );
+        }
+        if mqtt.password.is_some() && mqtt.username.is_none() {
+            self.error(
+                "mqtt.password",
+                "a password is set without a username",
+                "set mqtt.username too, or remove the password",
+            );
+        }
+        if mqtt.username.as_deref() == Some("") {
+            self.error(
+                "mqtt.username",
+                "the username is empty",
+                "set the user name the broker knows, or remove the key",
+            );
+        }
+        if mqtt.broker == "embedded" && (mqtt.tls.is_some() || mqtt.username.is_some()) {
+            self.error(
+                "mqtt.broker",
+                "the embedded broker takes neither TLS nor credentials",
+                "remove [mqtt.tls], mqtt.username and mqtt.password, or point mqtt.broker at an external broker",
+            );
+        }
+        let Some(tls) = &mut mqtt.tls else {
+            return;
+        };
+        for (key, path) in [
+            ("ca_file", &mut tls.ca_file),
+            ("client_cert_file", &mut tls.client_cert_file),
+            ("client_key_file", &mut tls.client_key_file),
+        ] {
+            if let Some(path) = path {
+                *path = self.resolve(path);
+                if !path.is_file() {
+                    self.error(
+                        format!("mqtt.tls.{key}"),
+                        format!("file {} not found", path.display()),
+                        "name an existing PEM file; relative paths start at the folder of this file",
+                    );
+                }
+            }
+        }
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            let (set, missing) = if tls.client_cert_file.is_some() {
+                ("client_cert_file", "client_key_file")
+            } else {
+                ("client_key_file", "client_cert_file")
+            };
+            self.error(
+                format!("mqtt.tls.{missing}"),
+                format!("mqtt.tls.{set} is set, but mqtt.tls.{missing} is not"),
+                "set both the client certificate and its private key for mutual TLS, or neither",
+            );
+        }
+        if let Some(name) = &tls.server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                self.error(
+                    "mqtt.tls.server_name",
+                    format!("\"{name}\" is neither a DNS name nor an IP address"),
+                    "write the name the broker's certificate holds, for example \"broker.example.com\"",
+                );
+            }
+        }
+        // Only once every file exists: the PEM contents, so that a bad file
+        // fails here, and in `eliot check`, not at the first connect.
+        if self.errors.iter().all(|e| !e.key.starts_with("mqtt.tls")) {
+            if let Err(e) = crate::tls::client_config(tls) {
+                self.error(format!("mqtt.tls.{}", e.key()), e.to_string(), e.fix());
+            }
+        }
+    }
+
     fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
         // First pass: values that stand alone.
-        if raw.mqtt.broker != "embedded" && crate::broker::parse_address(&raw.mqtt.broker).is_none()
-        {
+        if raw.mqtt.broker != "embedded" && raw.mqtt.address().is_none() {
             self.error(
                 "mqtt.broker",
                 format!("\"{}\" is neither \"embedded\" nor a host:port address", raw.mqtt.broker),
                 "write broker = \"embedded\" or broker = \"HOST:PORT\", for example \"127.0.0.1:1883\"",
             );
         }
+        let mut raw = raw;
+        self.validate_mqtt(&mut raw.mqtt);
         if raw.mqtt.client_id.is_empty() {
             self.error(
                 "mqtt.client_id",
@@ -708,6 +894,15 @@ impl Validator<'_> {
                     ),
                 }
             }
+            if let Some(group) = &pipeline.share_group {
+                if group.is_empty() || group.contains(['/', '+', '#']) {
+                    self.error(
+                        format!("pipelines.{name}.share_group"),
+                        format!("share group \"{group}\" is empty or contains '/', '+' or '#'"),
+                        "use a plain name such as \"eliot\"; every host with the same name shares the messages",
+                    );
+                }
+            }
             let qos = self.qos(format!("pipelines.{name}.qos"), pipeline.qos);
             if pipeline.workers == 0 || pipeline.workers > MAX_WORKERS {
                 self.error(
@@ -750,6 +945,7 @@ impl Validator<'_> {
                     workers: pipeline.workers,
                     stages: pipeline.stages,
                     sinks: pipeline.sinks,
+                    share_group: pipeline.share_group,
                 },
             );
         }
@@ -861,7 +1057,7 @@ path = "out/processed.jsonl"
             errors[0],
             format!(
                 "{}: key `pipelines.telemetry.stagez`: unknown field `stagez`, expected one of \
-                 `topics`, `qos`, `workers`, `stages`, `sinks` (line 18); remove the key or correct its spelling",
+                 `topics`, `qos`, `workers`, `stages`, `sinks`, `share_group` (line 18); remove the key or correct its spelling",
                 file.display()
             )
         );

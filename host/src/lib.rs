@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod deadletter;
 pub mod host;
+pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;
 pub mod plugin_build;
@@ -23,6 +24,7 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod supervisor;
+pub mod tls;
 pub mod topic;
 pub mod wasm;
 

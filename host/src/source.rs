@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
+
+use crate::mqtt::{AckToken, Client, Endpoint, Event, EventLoop, Incoming, QoS};
 
 use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline, PipelineSet};
 use crate::wasm::{Message, Qos};
@@ -50,58 +51,79 @@ impl Default for ReconnectBackoff {
 }
 
 /// Connection settings of the source.
+#[derive(Clone)]
 pub struct SourceOptions {
-    pub host: String,
-    pub port: u16,
+    pub endpoint: Endpoint,
     pub client_id: String,
-    pub keep_alive: Duration,
     pub max_packet_bytes: usize,
 }
 
-/// Largest packet MQTT can encode: a remaining length of 268,435,455 bytes.
-const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+/// Consecutive rejections (refused connects, certificates that fail
+/// verification, refused subscriptions) after which the source gives up and
+/// the host exits with the error. A rejection repeats with the same
+/// settings, so retrying for ever would only hide it; a few attempts, about
+/// 1.5 s apart with the backoff, ride out a broker whose authentication
+/// backend is still loading after a restart.
+pub const MAX_REJECTIONS: u32 = 5;
 
 /// Connects and returns the client and its event loop. Acknowledgements are
 /// manual: the host sends PUBACK only after the sinks took a message.
-pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(
-        options.client_id.clone(),
-        options.host.clone(),
-        options.port,
-    );
-    mqtt.set_keep_alive(options.keep_alive);
-    // The client accepts packets up to the protocol's maximum, and the
-    // router dead-letters payloads over the configured limit. A limit in the
-    // client would fail the whole connection instead, and the broker would
-    // deliver the same message again after every reconnect, forever.
-    mqtt.set_max_packet_size(MQTT_MAX_PACKET, options.max_packet_bytes);
-    mqtt.set_clean_session(false);
-    mqtt.set_manual_acks(true);
-    AsyncClient::new(mqtt, 1024)
+pub fn connect(options: &SourceOptions) -> (Client, EventLoop) {
+    crate::mqtt::connect(
+        &options.endpoint,
+        &crate::mqtt::Session {
+            client_id: &options.client_id,
+            persistent: true,
+            manual_acks: true,
+            // The client accepts packets up to the protocol's maximum, and
+            // the router dead-letters payloads over the configured limit. A
+            // limit in the client would fail the whole connection instead,
+            // and the broker would deliver the same message again after
+            // every reconnect, forever.
+            max_incoming_bytes: crate::mqtt::MQTT_MAX_PACKET,
+            max_outgoing_bytes: options.max_packet_bytes,
+            capacity: 1024,
+        },
+    )
 }
 
-/// Reads messages until `shutdown` turns true and returns the connection,
+/// How [`run`] ended.
+pub enum Stopped {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The broker rejected the host [`MAX_REJECTIONS`] times in a row; the
+    /// text names the cause and the fix.
+    Rejected(String),
+}
+
+/// Reads messages until `shutdown` turns true, or until the broker rejected
+/// the host [`MAX_REJECTIONS`] times in a row, and returns the connection,
 /// which [`drain`] then keeps polled while the last acks go out.
 ///
 /// Reconnects with backoff after a connection error and subscribes again
 /// on every connect.
 pub async fn run(
-    client: AsyncClient,
+    client: Client,
     mut eventloop: EventLoop,
     set: &PipelineSet,
     ack_queue: &Arc<AckQueue>,
     mut shutdown: watch::Receiver<bool>,
     connected: &watch::Sender<bool>,
     max_payload_bytes: usize,
-) -> (AsyncClient, EventLoop) {
+) -> ((Client, EventLoop), Stopped) {
     let mut backoff = ReconnectBackoff::new();
+    // Rejections since the source was last fully subscribed.
+    let mut rejections = 0u32;
+    let mut stopped = Stopped::Shutdown;
     // Messages read from the broker and not yet taken by a worker, in
     // arrival order. While it has room the event loop keeps being polled, so
     // keepalive pings go out even when the pipelines are full. At QoS 1 and 2
     // the broker's in-flight window bounds it; only a QoS 0 flood fills it,
     // and then the source stops reading until the workers catch up.
     let mut pending: VecDeque<Routed> = VecDeque::new();
-    let mut awaiting_subacks = 0usize;
+    // Subscriptions sent and not yet answered, in request order, which is
+    // the order of the broker's SUBACKs.
+    let mut awaiting_subacks: VecDeque<String> = VecDeque::new();
     let mut changes = set.changes();
     // Filters subscribed on this connection, with their QoS.
     let mut subscribed: Subscriptions = BTreeMap::new();
@@ -109,7 +131,8 @@ pub async fn run(
     loop {
         if std::mem::take(&mut filters_changed) {
             let pipelines = set.current();
-            follow_filters(&client, &pipelines, &mut subscribed).await;
+            let sent = follow_filters(&client, &pipelines, &mut subscribed).await;
+            awaiting_subacks.extend(sent);
         }
         // Hand over what the workers have room for, oldest first.
         while let Some(routed) = pending.pop_front() {
@@ -136,7 +159,7 @@ pub async fn run(
         };
         let pipelines = set.current();
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Publish(publish)) => {
                 route(
                     &pipelines,
                     publish,
@@ -145,13 +168,10 @@ pub async fn run(
                     &mut pending,
                 );
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Event::ConnAck { session_present }) => {
                 backoff.reset();
                 ack_queue.new_connection();
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to the broker"
-                );
+                tracing::info!(session_present, "connected to the broker");
                 // Subscribe on every connect, also when the broker kept the
                 // session: the configuration may have gained filters since.
                 // Subscribing again to a kept filter replaces it and keeps
@@ -159,36 +179,70 @@ pub async fn run(
                 // every filter, because what is published before that
                 // reaches no subscriber.
                 subscribed.clear();
-                awaiting_subacks = follow_filters(&client, &pipelines, &mut subscribed).await;
-                if awaiting_subacks == 0 {
+                awaiting_subacks = follow_filters(&client, &pipelines, &mut subscribed)
+                    .await
+                    .into();
+                if awaiting_subacks.is_empty() {
+                    rejections = 0;
                     connected.send_replace(true);
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .filter(|code| matches!(code, SubscribeReasonCode::Failure))
-                    .count();
+            Ok(Event::SubAck { pkid, refused }) => {
+                let filter = awaiting_subacks.pop_front().unwrap_or_default();
                 if refused > 0 {
-                    tracing::error!(
-                        pkid = ack.pkid,
-                        refused,
-                        "the broker refused a subscription; check its ACL for this client"
+                    // A pipeline without its filter would look healthy and
+                    // receive nothing, so a refusal counts as a rejection:
+                    // retried a few times, then the host stops.
+                    rejections += 1;
+                    let error = format!(
+                        "the broker refused the subscription to \"{filter}\"; allow this user to read it in the broker's ACL, or correct the pipeline's topics"
                     );
+                    if rejections >= MAX_REJECTIONS {
+                        tracing::error!(error, rejections, "giving up");
+                        stopped = Stopped::Rejected(error);
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::error!(
+                        error,
+                        pkid,
+                        rejections,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "subscription refused"
+                    );
+                    tokio::select! {
+                        _ = shutdown.wait_for(|stop| *stop) => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    // Subscribe again to everything; a filter already
+                    // granted is only replaced.
+                    subscribed.clear();
+                    filters_changed = true;
                 } else {
-                    tracing::info!(pkid = ack.pkid, "subscribed");
+                    tracing::info!(pkid, filter, "subscribed");
                 }
-                awaiting_subacks = awaiting_subacks.saturating_sub(1);
-                if awaiting_subacks == 0 {
+                if awaiting_subacks.is_empty() && !filters_changed {
+                    rejections = 0;
                     connected.send_replace(true);
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 connected.send_replace(false);
+                if e.rejected {
+                    rejections += 1;
+                    if rejections >= MAX_REJECTIONS {
+                        tracing::error!(error = %e, rejections, "the broker rejected every attempt; giving up");
+                        stopped = Stopped::Rejected(e.text);
+                        break;
+                    }
+                }
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                if e.rejected {
+                    tracing::error!(error = %e, rejections, retry_in_ms = delay.as_millis() as u64, "broker rejected the connection");
+                } else {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                }
                 tokio::select! {
                     _ = shutdown.wait_for(|stop| *stop) => break,
                     () = tokio::time::sleep(delay) => {}
@@ -200,7 +254,7 @@ pub async fn run(
     // Messages still pending were never handed to a worker and stay
     // unacknowledged.
     drop(pending);
-    (client, eventloop)
+    ((client, eventloop), stopped)
 }
 
 /// Drains after [`run`] returned: dropping the last handles of the
@@ -210,7 +264,7 @@ pub async fn run(
 /// left unacknowledged, so the broker delivers them again to the next
 /// session.
 pub async fn drain(
-    (client, mut eventloop): (AsyncClient, EventLoop),
+    (client, mut eventloop): (Client, EventLoop),
     set: &PipelineSet,
     ack_queue: Arc<AckQueue>,
     mut acker: tokio::task::JoinHandle<()>,
@@ -243,25 +297,27 @@ type Subscriptions = BTreeMap<String, QoS>;
 
 /// Subscribes every filter of `pipelines` that is not in `subscribed` (or
 /// whose QoS changed), and unsubscribes every filter no pipeline has any
-/// more, one request each. Returns how many subscribe requests were queued.
+/// more, one request each. Returns the filters of the subscribe requests
+/// queued, in order.
 async fn follow_filters(
-    client: &AsyncClient,
+    client: &Client,
     pipelines: &[Arc<Pipeline>],
     subscribed: &mut Subscriptions,
-) -> usize {
+) -> Vec<String> {
     let mut wanted = Subscriptions::new();
     for pipeline in pipelines {
-        for filter in &pipeline.config.topics {
+        // NOTE: a pipeline in a share group and another one outside it on
+        // the same filter make two subscriptions, and the broker delivers
+        // a message on both; each copy goes to both pipelines.
+        for filter in pipeline.config.subscriptions() {
             // Two pipelines on one filter: the higher QoS serves both.
-            let qos = wanted
-                .entry(filter.as_str().to_owned())
-                .or_insert(QoS::AtMostOnce);
+            let qos = wanted.entry(filter).or_insert(QoS::AtMostOnce);
             if pipeline.config.qos > *qos {
                 *qos = pipeline.config.qos;
             }
         }
     }
-    let mut queued = 0;
+    let mut queued = Vec::new();
     for (filter, qos) in &wanted {
         if subscribed.get(filter) == Some(qos) {
             continue;
@@ -269,7 +325,7 @@ async fn follow_filters(
         // The request only fails once the event loop is gone, and then the
         // next ConnAck subscribes again.
         match client.subscribe(filter.as_str(), *qos).await {
-            Ok(()) => queued += 1,
+            Ok(()) => queued.push(filter.clone()),
             Err(e) => tracing::error!(filter, error = %e, "subscribe request failed"),
         }
     }
@@ -300,7 +356,7 @@ struct Routed {
 /// one job per pipeline to `pending`.
 fn route(
     pipelines: &[Arc<Pipeline>],
-    publish: rumqttc::Publish,
+    publish: Incoming,
     acks: &Arc<AckQueue>,
     max_payload_bytes: usize,
     pending: &mut VecDeque<Routed>,
@@ -313,26 +369,34 @@ fn route(
         .iter()
         .filter(|p| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
         .collect();
-    let ack = AckHandle::new(publish.clone(), matching.len().max(1), acks);
+    let Incoming {
+        topic,
+        payload,
+        qos,
+        retain,
+        headers,
+        ack,
+    } = publish;
+    let ack = AckHandle::new(ack, qos, matching.len().max(1), acks);
     if matching.is_empty() {
         // Can happen with overlapping subscriptions kept from an older
         // configuration in a persistent session.
-        tracing::debug!(topic = %publish.topic, "no pipeline matches; acknowledged and ignored");
+        tracing::debug!(topic, "no pipeline matches; acknowledged and ignored");
         ack.finish();
         return;
     }
 
     let mut message = Message {
-        topic: publish.topic.clone(),
-        payload: publish.payload.to_vec(),
-        qos: match publish.qos {
+        topic,
+        payload,
+        qos: match qos {
             QoS::AtMostOnce => Qos::AtMostOnce,
             QoS::AtLeastOnce => Qos::AtLeastOnce,
             QoS::ExactlyOnce => Qos::ExactlyOnce,
         },
-        retain: publish.retain,
+        retain,
         received_at_ms: crate::clock::now_ms(),
-        headers: Vec::new(),
+        headers,
     };
     if message.payload.len() > max_payload_bytes {
         // Marked here, dead-lettered by the workers without calling a
@@ -345,7 +409,7 @@ fn route(
     // usual devices/{id}/... layout; keys taken from the payload are not
     // supported yet.
     for pipeline in matching {
-        let worker = pipeline.worker_for(&publish.topic);
+        let worker = pipeline.worker_for(&message.topic);
         pending.push_back(Routed {
             pipeline: pipeline.clone(),
             worker,
@@ -364,22 +428,22 @@ pub const OVERSIZED_HEADER: &str = "eliot-oversized-limit";
 /// gone. `client` names the client of the source's current connection; a
 /// restarted source task replaces it.
 pub async fn run_acker(
-    client: watch::Receiver<AsyncClient>,
+    client: watch::Receiver<Client>,
     current_connection: Arc<std::sync::atomic::AtomicU64>,
-    acks: &mut mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
+    acks: &mut mpsc::UnboundedReceiver<(AckToken, u64)>,
 ) {
-    while let Some((publish, connection)) = acks.recv().await {
+    while let Some((token, connection)) = acks.recv().await {
         if connection != current_connection.load(std::sync::atomic::Ordering::Acquire) {
-            tracing::debug!(topic = %publish.topic, pkid = publish.pkid, "ack from an earlier connection skipped; the broker redelivers or forgot the message");
+            tracing::debug!(pkid = token.pkid(), "ack from an earlier connection skipped; the broker redelivers or forgot the message");
             continue;
         }
         #[cfg(feature = "fault-injection")]
-        if publish.topic.contains(FAULT_INJECTION_ACKER_TOPIC_LEVEL) && inject_once(&ACKER_FAULT) {
-            panic!("fault injected in the acker for topic {}", publish.topic);
+        if token.topic().contains(FAULT_INJECTION_ACKER_TOPIC_LEVEL) && inject_once(&ACKER_FAULT) {
+            panic!("fault injected in the acker for topic {}", token.topic());
         }
         let client = client.borrow().clone();
-        if let Err(e) = client.ack(&publish).await {
-            tracing::warn!(topic = %publish.topic, pkid = publish.pkid, error = %e, "acknowledgement not sent; the broker will redeliver");
+        if let Err(e) = client.ack(&token).await {
+            tracing::warn!(pkid = token.pkid(), error = %e, "acknowledgement not sent; the broker will redeliver");
         }
     }
 }
