@@ -310,9 +310,11 @@ pub enum Event {
         pkid: u16,
         refused: usize,
     },
-    /// PUBACK or PUBCOMP: the broker took an outgoing publish.
+    /// PUBACK or PUBCOMP: the broker took an outgoing publish, or, with an
+    /// MQTT 5 reason code in `refused`, rejected it.
     Acknowledged {
         pkid: u16,
+        refused: Option<String>,
     },
     /// An outgoing publish was written, with the packet id rumqttc chose
     /// (0 for QoS 0).
@@ -394,7 +396,10 @@ fn from_v311(event: rumqttc::Event) -> Event {
         },
         rumqttc::Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid }))
         | rumqttc::Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid })) => {
-            Event::Acknowledged { pkid }
+            Event::Acknowledged {
+                pkid,
+                refused: None,
+            }
         }
         rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => Event::PublishWritten { pkid },
         rumqttc::Event::Outgoing(Outgoing::AwaitAck(pkid)) => Event::AwaitAck { pkid },
@@ -439,8 +444,32 @@ fn from_v5_event(event: v5::Event) -> Event {
                 .filter(|code| !matches!(code, v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
                 .count(),
         },
-        v5::Event::Incoming(Packet::PubAck(ack)) => Event::Acknowledged { pkid: ack.pkid },
-        v5::Event::Incoming(Packet::PubComp(comp)) => Event::Acknowledged { pkid: comp.pkid },
+        v5::Event::Incoming(Packet::PubAck(ack)) => {
+            use v5::mqttbytes::v5::PubAckReason;
+            let refused = match ack.reason {
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                other => Some(format!("{other:?}")),
+            };
+            Event::Acknowledged {
+                pkid: ack.pkid,
+                refused,
+            }
+        }
+        v5::Event::Incoming(Packet::PubRec(rec)) => {
+            use v5::mqttbytes::v5::PubRecReason;
+            match rec.reason {
+                PubRecReason::Success | PubRecReason::NoMatchingSubscribers => Event::Other,
+                // A refused QoS 2 publish ends here; no PUBCOMP follows.
+                other => Event::Acknowledged {
+                    pkid: rec.pkid,
+                    refused: Some(format!("{other:?}")),
+                },
+            }
+        }
+        v5::Event::Incoming(Packet::PubComp(comp)) => Event::Acknowledged {
+            pkid: comp.pkid,
+            refused: None,
+        },
         v5::Event::Outgoing(Outgoing::Publish(pkid)) => Event::PublishWritten { pkid },
         v5::Event::Outgoing(Outgoing::AwaitAck(pkid)) => Event::AwaitAck { pkid },
         v5::Event::Outgoing(Outgoing::Disconnect) => Event::DisconnectSent,
@@ -460,8 +489,7 @@ fn refused(context: &ErrorContext, code: &str, fix: &str) -> ConnectionError {
 
 const CREDENTIALS_FIX: &str =
     "check mqtt.username and mqtt.password against the broker's password file";
-const AUTHORISATION_FIX: &str =
-    "the broker does not allow this user or client id to connect; check its ACL and mqtt.client_id";
+const AUTHORISATION_FIX: &str = "the broker does not let this client connect: set mqtt.username and mqtt.password if it requires them, and check its ACL for this user and mqtt.client_id";
 
 /// A TLS certificate problem, if `error` is one.
 fn tls_problem(
@@ -470,11 +498,7 @@ fn tls_problem(
 ) -> Option<ConnectionError> {
     let tls = context.tls.as_ref()?;
     let rustls_error = crate::tls::find_rustls_error(error)?;
-    let text = crate::tls::explain(
-        rustls_error,
-        &format!("{}:{}", context.host, context.port),
-        tls,
-    )?;
+    let text = crate::tls::explain(rustls_error, &context.host, context.port, tls)?;
     Some(ConnectionError {
         text,
         rejected: true,

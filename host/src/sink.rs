@@ -625,9 +625,20 @@ fn on_republish_event(
             state.outbox.held_back(pkid);
             Step::Next
         }
-        Ok(Event::Acknowledged { pkid }) => {
+        Ok(Event::Acknowledged { pkid, refused }) => {
             let confirmed = state.outbox.acknowledged(pkid);
-            RepublishState::confirm(&shared.room, confirmed, Ok(()));
+            let result = match (&confirmed, refused) {
+                (Some(pending), Some(reason)) => {
+                    let reason = format!(
+                        "the broker refused the republish to \"{}\" with reason {reason}; allow this client to publish there in the broker's ACL, or change the sink's topic",
+                        pending.topic
+                    );
+                    tracing::error!(client_id, topic = %pending.topic, reason, "republish refused");
+                    Err(reason)
+                }
+                _ => Ok(()),
+            };
+            RepublishState::confirm(&shared.room, confirmed, result);
             Step::Next
         }
         Ok(Event::DisconnectSent) => {

@@ -262,15 +262,16 @@ pub fn find_rustls_error<'a>(
     None
 }
 
-/// Explains a failed TLS handshake with `host` as a sentence that names
-/// the cause and the fix, or `None` when it is not a certificate problem
-/// (for example a reset connection, which is worth retrying).
-pub fn explain(error: &rustls::Error, host: &str, tls: &TlsConfig) -> Option<String> {
+/// Explains a failed TLS handshake with `host:port` as a sentence that
+/// names the cause and the fix, or `None` when it is not a certificate
+/// problem (for example a reset connection, which is worth retrying).
+pub fn explain(error: &rustls::Error, host: &str, port: u16, tls: &TlsConfig) -> Option<String> {
     let ca = match &tls.ca_file {
         Some(path) => format!("mqtt.tls.ca_file ({})", path.display()),
         None => "the operating system's trusted roots (mqtt.tls.ca_file is not set)".to_owned(),
     };
     let checked_name = tls.server_name.as_deref().unwrap_or(host);
+    let host = format!("{host}:{port}");
     let text = match error {
         rustls::Error::InvalidCertificate(problem) => match problem {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => format!(
