@@ -1212,4 +1212,153 @@ path = "out/processed.jsonl"
             errors[0]
         );
     }
+
+    #[test]
+    fn mqtt_defaults_are_plain_311() {
+        let (_dir, file) = setup();
+        let config = Config::parse(&file, VALID).unwrap();
+        assert_eq!(config.mqtt.protocol, Protocol::V311);
+        assert_eq!(config.mqtt.tls, None);
+        assert_eq!(config.mqtt.address(), Some(("127.0.0.1".to_owned(), 1883)));
+        assert_eq!(config.pipelines["telemetry"].share_group, None);
+        assert_eq!(
+            config.pipelines["telemetry"]
+                .subscriptions()
+                .collect::<Vec<_>>(),
+            vec!["devices/+/telemetry"]
+        );
+    }
+
+    #[test]
+    fn mqtt5_credentials_and_share_group_parse() {
+        let (_dir, file) = setup();
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                "client_id = \"eliot-test\"\nprotocol = \"5\"\nsession_expiry_secs = 600\nusername = \"eliot\"\npassword = \"s3cret\"",
+            )
+            .replace(
+                "sinks = [\"file\"]",
+                "sinks = [\"file\"]\nshare_group = \"ingest\"",
+            );
+        let config = Config::parse(&file, &text).unwrap();
+        assert_eq!(config.mqtt.protocol, Protocol::V5);
+        assert_eq!(config.mqtt.session_expiry_secs, Some(600));
+        assert_eq!(config.mqtt.password.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(
+            config.pipelines["telemetry"]
+                .subscriptions()
+                .collect::<Vec<_>>(),
+            vec!["$share/ingest/devices/+/telemetry"]
+        );
+    }
+
+    #[test]
+    fn password_never_printed() {
+        let secret = Secret::new("s3cret");
+        assert_eq!(format!("{secret}"), "***");
+        assert_eq!(format!("{secret:?}"), "***");
+        let (_dir, file) = setup();
+        let text = VALID.replace(
+            "client_id = \"eliot-test\"",
+            "client_id = \"eliot-test\"\nusername = \"eliot\"\npassword = \"s3cret\"",
+        );
+        let config = Config::parse(&file, &text).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_mqtt_settings_are_reported() {
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                "client_id = \"eliot-test\"\nsession_expiry_secs = 60\npassword = \"s3cret\"",
+            )
+            .replace(
+                "sinks = [\"file\"]",
+                "sinks = [\"file\"]\nshare_group = \"a/b\"",
+            );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.session_expiry_secs`: session expiry exists only in MQTT 5, but mqtt.protocol is \"3.1.1\"; set protocol = \"5\""
+        ));
+        assert!(errors[1].contains(
+            "key `mqtt.password`: a password is set without a username; set mqtt.username too"
+        ));
+        assert!(errors[2].contains("key `pipelines.telemetry.share_group`: share group \"a/b\" is empty or contains '/', '+' or '#'"));
+        assert!(errors.iter().all(|e| !e.contains("s3cret")));
+    }
+
+    #[test]
+    fn tls_files_are_checked() {
+        let (dir, file) = setup();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        std::fs::write(dir.path().join("client.pem"), "").unwrap();
+        let text = VALID
+            .replace("broker = \"127.0.0.1:1883\"", "broker = \"broker.example\"")
+            .replace(
+                "[runtime]",
+                "[mqtt.tls]\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\n\n[runtime]",
+            );
+        let errors = Config::parse(&file, &text).unwrap_err();
+        let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.tls.client_key_file`: mqtt.tls.client_cert_file is set, but mqtt.tls.client_key_file is not"
+        ), "{}", errors[0]);
+
+        // Without the client certificate, the CA file itself is read.
+        let text = text.replace("client_cert_file = \"client.pem\"\n", "");
+        let errors = Config::parse(&file, &text).unwrap_err();
+        let base = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!(errors.0[0].key, "mqtt.tls.ca_file");
+        assert_eq!(
+            errors.0[0].problem,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                base.join("ca.pem").display()
+            )
+        );
+    }
+
+    #[test]
+    fn tls_broker_without_port_uses_8883() {
+        let mqtt = MqttConfig {
+            broker: "broker.example".to_owned(),
+            client_id: "eliot".to_owned(),
+            keep_alive_secs: 30,
+            max_packet_bytes: 1024,
+            protocol: Protocol::V311,
+            session_expiry_secs: None,
+            username: None,
+            password: None,
+            tls: None,
+        };
+        assert_eq!(mqtt.address(), None);
+        let tls = MqttConfig {
+            tls: Some(TlsConfig {
+                ca_file: None,
+                client_cert_file: None,
+                client_key_file: None,
+                server_name: None,
+            }),
+            ..mqtt
+        };
+        assert_eq!(tls.address(), Some(("broker.example".to_owned(), 8883)));
+        let ipv6 = MqttConfig {
+            broker: "[::1]".to_owned(),
+            ..tls.clone()
+        };
+        assert_eq!(ipv6.address(), Some(("::1".to_owned(), 8883)));
+        let with_port = MqttConfig {
+            broker: "broker.example:9883".to_owned(),
+            ..tls
+        };
+        assert_eq!(
+            with_port.address(),
+            Some(("broker.example".to_owned(), 9883))
+        );
+    }
 }
