@@ -111,7 +111,7 @@ pub enum Protocol {
 pub const TLS_PORT: u16 = 8883;
 
 impl MqttConfig {
-    /// Host and port of an external broker, with [`TLS_PORT`] when TLS is
+    /// Returns host and port of an external broker, with [`TLS_PORT`] when TLS is
     /// on and `broker` has no port. `None` for `"embedded"` and for an
     /// address without a port on plain TCP, which validation rejects.
     pub fn address(&self) -> Option<(String, u16)> {
@@ -137,7 +137,7 @@ impl Secret {
         Self(value.into())
     }
 
-    /// The secret itself, for the one place that sends it.
+    /// Returns the secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -455,8 +455,8 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// The filters as subscribed: `$share/GROUP/FILTER` in a share group,
-    /// the plain filter otherwise. Incoming topics are matched against the
+    /// Returns the filters as subscribed: `$share/GROUP/FILTER` in a share
+    /// group, the plain filter otherwise. Incoming topics are matched against the
     /// plain filters in [`PipelineConfig::topics`].
     pub fn subscriptions(&self) -> impl Iterator<Item = String> + '_ {
         self.topics.iter().map(|filter| match &self.share_group {
@@ -639,11 +639,14 @@ impl Validator<'_> {
                 "set the user name the broker knows, or remove the key",
             );
         }
-        if mqtt.broker == "embedded" && (mqtt.tls.is_some() || mqtt.username.is_some()) {
+        let wants_mqtt5 = mqtt.protocol == Protocol::V5;
+        if mqtt.broker == "embedded"
+            && (mqtt.tls.is_some() || mqtt.username.is_some() || wants_mqtt5)
+        {
             self.error(
                 "mqtt.broker",
-                "the embedded broker takes neither TLS nor credentials",
-                "remove [mqtt.tls], mqtt.username and mqtt.password, or point mqtt.broker at an external broker",
+                "the embedded broker speaks plain MQTT 3.1.1 without credentials",
+                "remove [mqtt.tls], mqtt.username, mqtt.password and protocol = \"5\", or point mqtt.broker at an external broker",
             );
         }
         let Some(tls) = &mut mqtt.tls else {
@@ -1360,5 +1363,18 @@ path = "out/processed.jsonl"
             with_port.address(),
             Some(("broker.example".to_owned(), 9883))
         );
+    }
+
+    #[test]
+    fn embedded_broker_rejects_mqtt5() {
+        let text = VALID.replace(
+            "broker = \"127.0.0.1:1883\"",
+            "broker = \"embedded\"\nprotocol = \"5\"",
+        );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.broker`: the embedded broker speaks plain MQTT 3.1.1 without credentials"
+        ));
     }
 }

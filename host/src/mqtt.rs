@@ -42,7 +42,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// The endpoint of `mqtt` at `host:port`, with its TLS files loaded.
+    /// Builds the endpoint of `mqtt` at `host:port` and loads its TLS files.
     ///
     /// # Errors
     ///
@@ -72,7 +72,8 @@ impl Endpoint {
         })
     }
 
-    /// A plain TCP endpoint without credentials, for the embedded broker.
+    /// Builds a plain TCP endpoint without credentials, for the embedded
+    /// broker.
     pub fn plain(host: String, port: u16, keep_alive: Duration) -> Self {
         Self {
             host,
@@ -127,7 +128,10 @@ pub fn connect(endpoint: &Endpoint, session: &Session<'_>) -> (Client, EventLoop
                 options.set_transport(transport);
             }
             let (client, eventloop) = rumqttc::AsyncClient::new(options, session.capacity);
-            (Client::V311(client), EventLoop::V311(eventloop, context))
+            (
+                Client::V311(client),
+                EventLoop::V311(Box::new(eventloop), context),
+            )
         }
         Protocol::V5 => {
             let mut options =
@@ -150,7 +154,10 @@ pub fn connect(endpoint: &Endpoint, session: &Session<'_>) -> (Client, EventLoop
                 options.set_transport(transport);
             }
             let (client, eventloop) = v5::AsyncClient::new(options, session.capacity);
-            (Client::V5(client), EventLoop::V5(eventloop, context))
+            (
+                Client::V5(client),
+                EventLoop::V5(Box::new(eventloop), context),
+            )
         }
     }
 }
@@ -209,25 +216,39 @@ impl Client {
     ) -> Result<(), RequestError> {
         match self {
             Self::V311(client) => request(client.try_publish(topic, qos, retain, payload)),
-            Self::V5(client) => {
-                let mut properties = v5::mqttbytes::v5::PublishProperties::default();
-                for (name, value) in headers {
-                    if name == CONTENT_TYPE_HEADER {
-                        properties.content_type = Some(value.clone());
-                    } else {
-                        properties
-                            .user_properties
-                            .push((name.clone(), value.clone()));
-                    }
-                }
-                request(client.try_publish_with_properties(
-                    topic,
-                    to_v5(qos),
-                    retain,
-                    payload,
-                    properties,
-                ))
-            }
+            Self::V5(client) => request(client.try_publish_with_properties(
+                topic,
+                to_v5(qos),
+                retain,
+                payload,
+                properties(headers),
+            )),
+        }
+    }
+
+    /// Queues a publish like [`Client::try_publish`], waiting while the
+    /// request channel is full.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        headers: &[(String, String)],
+    ) -> Result<(), RequestError> {
+        match self {
+            Self::V311(client) => request(client.publish(topic, qos, retain, payload).await),
+            Self::V5(client) => request(
+                client
+                    .publish_with_properties(
+                        topic,
+                        to_v5(qos),
+                        retain,
+                        payload,
+                        properties(headers),
+                    )
+                    .await,
+            ),
         }
     }
 
@@ -246,6 +267,21 @@ impl Client {
     }
 }
 
+/// Turns headers into MQTT 5 publish properties.
+fn properties(headers: &[(String, String)]) -> v5::mqttbytes::v5::PublishProperties {
+    let mut properties = v5::mqttbytes::v5::PublishProperties::default();
+    for (name, value) in headers {
+        if name == CONTENT_TYPE_HEADER {
+            properties.content_type = Some(value.clone());
+        } else {
+            properties
+                .user_properties
+                .push((name.clone(), value.clone()));
+        }
+    }
+    properties
+}
+
 fn to_v5(qos: QoS) -> v5::mqttbytes::QoS {
     match qos {
         QoS::AtMostOnce => v5::mqttbytes::QoS::AtMostOnce,
@@ -262,7 +298,8 @@ fn from_v5(qos: v5::mqttbytes::QoS) -> QoS {
     }
 }
 
-/// What identifies a received message to its connection's acknowledgement.
+/// The received publish that an acknowledgement names, kept until the ack
+/// goes out on the connection that delivered it.
 #[derive(Debug, Clone)]
 pub enum AckToken {
     V311(rumqttc::Publish),
@@ -277,7 +314,7 @@ impl AckToken {
         }
     }
 
-    /// The topic of the message, for fault injection in the tests.
+    /// Returns the topic of the message, for fault injection in the tests.
     #[cfg(feature = "fault-injection")]
     pub fn topic(&self) -> String {
         match self {
@@ -304,7 +341,8 @@ pub enum Event {
     ConnAck {
         session_present: bool,
     },
-    Publish(Incoming),
+    /// Boxed, because a publish is far bigger than the other events.
+    Publish(Box<Incoming>),
     /// The broker answered a subscribe; `refused` filters were rejected.
     SubAck {
         pkid: u16,
@@ -331,8 +369,8 @@ pub enum Event {
 
 /// The reader side of one connection.
 pub enum EventLoop {
-    V311(rumqttc::EventLoop, Arc<ErrorContext>),
-    V5(v5::EventLoop, Arc<ErrorContext>),
+    V311(Box<rumqttc::EventLoop>, Arc<ErrorContext>),
+    V5(Box<v5::EventLoop>, Arc<ErrorContext>),
 }
 
 /// What an error text names: the broker and its TLS settings.
@@ -378,14 +416,14 @@ fn from_v311(event: rumqttc::Event) -> Event {
         rumqttc::Event::Incoming(Packet::ConnAck(ack)) => Event::ConnAck {
             session_present: ack.session_present,
         },
-        rumqttc::Event::Incoming(Packet::Publish(publish)) => Event::Publish(Incoming {
+        rumqttc::Event::Incoming(Packet::Publish(publish)) => Event::Publish(Box::new(Incoming {
             topic: publish.topic.clone(),
             payload: publish.payload.to_vec(),
             qos: publish.qos,
             retain: publish.retain,
             headers: Vec::new(),
             ack: AckToken::V311(publish),
-        }),
+        })),
         rumqttc::Event::Incoming(Packet::SubAck(ack)) => Event::SubAck {
             pkid: ack.pkid,
             refused: ack
@@ -424,7 +462,7 @@ fn from_v5_event(event: v5::Event) -> Event {
                     headers.push((CONTENT_TYPE_HEADER.to_owned(), content_type.clone()));
                 }
             }
-            Event::Publish(Incoming {
+            Event::Publish(Box::new(Incoming {
                 // MQTT 5 topics are UTF-8 like 3.1.1's, and rumqttc has
                 // checked the encoding; a lossy conversion only guards
                 // against a broker that sends invalid bytes.
@@ -434,7 +472,7 @@ fn from_v5_event(event: v5::Event) -> Event {
                 retain: publish.retain,
                 headers,
                 ack: AckToken::V5(publish),
-            })
+            }))
         }
         v5::Event::Incoming(Packet::SubAck(ack)) => Event::SubAck {
             pkid: ack.pkid,

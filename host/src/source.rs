@@ -61,9 +61,9 @@ pub struct SourceOptions {
 /// Consecutive rejections (refused connects, certificates that fail
 /// verification, refused subscriptions) after which the source gives up and
 /// the host exits with the error. A rejection repeats with the same
-/// settings, so retrying for ever would only hide it; a few attempts, about
-/// 1.5 s apart with the backoff, ride out a broker whose authentication
-/// backend is still loading after a restart.
+/// settings, so retrying for ever would only hide it. Five attempts take
+/// 1.5 to 3 s with the backoff and its jitter, which rides out a broker
+/// whose authentication backend is still loading after a restart.
 pub const MAX_REJECTIONS: u32 = 5;
 
 /// Connects and returns the client and its event loop. Acknowledgements are
@@ -87,7 +87,7 @@ pub fn connect(options: &SourceOptions) -> (Client, EventLoop) {
     )
 }
 
-/// How [`run`] ended.
+/// The reason [`run`] returned.
 pub enum Stopped {
     /// Shutdown was asked for.
     Shutdown,
@@ -121,8 +121,8 @@ pub async fn run(
     // the broker's in-flight window bounds it; only a QoS 0 flood fills it,
     // and then the source stops reading until the workers catch up.
     let mut pending: VecDeque<Routed> = VecDeque::new();
-    // Subscriptions sent and not yet answered, in request order, which is
-    // the order of the broker's SUBACKs.
+    // Subscriptions sent and not yet acknowledged, in request order, which
+    // is the order of the broker's SUBACKs.
     let mut awaiting_subacks: VecDeque<String> = VecDeque::new();
     let mut changes = set.changes();
     // Filters subscribed on this connection, with their QoS.
@@ -162,7 +162,7 @@ pub async fn run(
             Ok(Event::Publish(publish)) => {
                 route(
                     &pipelines,
-                    publish,
+                    *publish,
                     ack_queue,
                     max_payload_bytes,
                     &mut pending,
@@ -307,8 +307,8 @@ async fn follow_filters(
     let mut wanted = Subscriptions::new();
     for pipeline in pipelines {
         // NOTE: a pipeline in a share group and another one outside it on
-        // the same filter make two subscriptions, and the broker delivers
-        // a message on both; each copy goes to both pipelines.
+        // the same filter make two subscriptions. The broker delivers a
+        // message on both, so each pipeline gets it twice.
         for filter in pipeline.config.subscriptions() {
             // Two pipelines on one filter: the higher QoS serves both.
             let qos = wanted.entry(filter).or_insert(QoS::AtMostOnce);

@@ -43,7 +43,7 @@ pub enum TlsFileError {
 }
 
 impl TlsFileError {
-    /// The key of `[mqtt.tls]` the problem belongs to.
+    /// Returns the key of `[mqtt.tls]` that the problem belongs to.
     pub fn key(&self) -> &'static str {
         match self {
             Self::Unreadable { key, .. }
@@ -54,7 +54,7 @@ impl TlsFileError {
         }
     }
 
-    /// What to do about it.
+    /// Returns what the operator should do about it.
     pub fn fix(&self) -> &'static str {
         match self {
             Self::Unreadable { .. } => "check the path and that the host's user may read the file",

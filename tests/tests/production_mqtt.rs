@@ -1,9 +1,9 @@
-//! The host against a production-like broker: TLS with a private CA, mutual
-//! TLS, certificates that must be rejected (wrong CA, expired, wrong name),
-//! username and password with an ACL, MQTT 5 user properties and session
-//! expiry, and shared subscriptions across two host processes. Each test
-//! starts a Mosquitto configured for its case and makes its certificates
-//! with rcgen in a temporary folder.
+//! The host against a production-like broker. The cases are TLS with a
+//! private CA, mutual TLS, certificates that must be rejected (wrong CA,
+//! expired, wrong name), username and password with an ACL, MQTT 5 user
+//! properties and session expiry, and shared subscriptions across two host
+//! processes. Each test starts a Mosquitto configured for its case and makes
+//! its certificates with rcgen in a temporary folder.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -141,7 +141,7 @@ async fn wait_for_records(output: &Path, count: usize) -> Vec<serde_json::Value>
     .unwrap()
 }
 
-/// How often each message number occurs in `records`.
+/// Counts how often each message number occurs in `records`.
 fn numbers(records: &[serde_json::Value]) -> BTreeMap<u64, usize> {
     let mut seen = BTreeMap::new();
     for record in records {
@@ -273,7 +273,7 @@ async fn host_name_mismatch_is_rejected() {
     host.shutdown(Duration::from_secs(10)).await;
 }
 
-/// A broker that takes user `eliot` with password `right-password`, which
+/// Starts a broker that takes user `eliot` with password `right-password`, which
 /// may read `devices/#` only, and user `device` (password `device`), which
 /// may write `devices/#`.
 fn auth_broker(dir: &Path) -> Mosquitto {
