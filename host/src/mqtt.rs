@@ -100,6 +100,9 @@ pub struct Session<'a> {
     pub max_outgoing_bytes: usize,
     /// Capacity of the request channel between client and event loop.
     pub capacity: usize,
+    /// MQTT 5 Receive Maximum: unacknowledged QoS 1 and 2 messages the
+    /// broker may send at once. `None` leaves MQTT 5's default of 65535.
+    pub receive_maximum: Option<u16>,
 }
 
 /// Creates a client and its event loop; nothing is sent before the first
@@ -147,6 +150,7 @@ pub fn connect(endpoint: &Endpoint, session: &Session<'_>) -> (Client, EventLoop
                 options.set_session_expiry_interval(Some(endpoint.session_expiry_secs));
             }
             options.set_manual_acks(session.manual_acks);
+            options.set_receive_maximum(session.receive_maximum);
             if let Some((user, password)) = &endpoint.credentials {
                 options.set_credentials(user, password.expose());
             }

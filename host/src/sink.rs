@@ -549,6 +549,7 @@ async fn drive_republish(
         max_incoming_bytes: max_packet_bytes,
         max_outgoing_bytes: max_packet_bytes,
         capacity: REPUBLISH_WINDOW + 1,
+        receive_maximum: None,
     };
     loop {
         let (client, mut eventloop) = crate::mqtt::connect(&endpoint, &session);

@@ -83,6 +83,12 @@ pub fn connect(options: &SourceOptions) -> (Client, EventLoop) {
             max_incoming_bytes: crate::mqtt::MQTT_MAX_PACKET,
             max_outgoing_bytes: options.max_packet_bytes,
             capacity: 1024,
+            // The broker's in-flight window on MQTT 5, as Mosquitto's
+            // max_inflight_messages is on 3.1.1. Held acks keep that many
+            // messages in the host, so it stays within MAX_PENDING: the
+            // source then never stops polling for QoS 1 and 2 messages,
+            // and keepalive pings go out while the pipelines are full.
+            receive_maximum: Some(MAX_PENDING as u16),
         },
     )
 }
@@ -193,6 +199,10 @@ pub async fn run(
                     // A pipeline without its filter would look healthy and
                     // receive nothing, so a refusal counts as a rejection:
                     // retried a few times, then the host stops.
+                    // NOTE: no test covers this branch. Mosquitto 2.0.11
+                    // grants a subscription its ACL forbids and filters at
+                    // delivery instead; only brokers that check the ACL at
+                    // subscribe time refuse in the SUBACK.
                     rejections += 1;
                     let error = format!(
                         "the broker refused the subscription to \"{filter}\"; allow this user to read it in the broker's ACL, or correct the pipeline's topics"

@@ -64,6 +64,7 @@ impl Publisher {
                 max_incoming_bytes: max_packet_bytes,
                 max_outgoing_bytes: max_packet_bytes,
                 capacity: 1024,
+                receive_maximum: None,
             },
         );
         let (events_tx, events) = mpsc::unbounded_channel();
