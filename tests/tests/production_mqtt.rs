@@ -386,8 +386,10 @@ async fn acl_limits_reads_and_republishes() {
 async fn mqtt5_user_properties_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::builder().max_queued_messages(0).start();
-    let sinks = "\"file\", \"republish\"";
-    let tail = "\n[sinks.republish]\ntype = \"mqtt\"\ntopic = \"processed/{header.site}\"\n";
+    // One republish at QoS 1 (confirmed by PUBACK) and one at QoS 2
+    // (confirmed by PUBCOMP).
+    let sinks = "\"file\", \"republish\", \"republish-qos2\"";
+    let tail = "\n[sinks.republish]\ntype = \"mqtt\"\ntopic = \"processed/{header.site}\"\n\n[sinks.republish-qos2]\ntype = \"mqtt\"\ntopic = \"processed/{header.site}/qos2\"\nqos = 2\n";
     let config = load(&write_config(dir.path(), &broker.address(), "eliot-v5", "protocol = \"5\"", sinks, tail));
     let host = start_connected(config).await;
     let (subscriber, received) = subscribe_v5(broker.port(), "processed/#").await;
@@ -400,7 +402,7 @@ async fn mqtt5_user_properties_round_trip() {
     ];
     publish_v5(broker.port(), None, telemetry(0, 20), properties.clone()).await;
     let records = wait_for_records(&dir.path().join("out/processed.jsonl"), 20).await;
-    let republished = received_within(&received, 20).await;
+    let republished = received_within(&received, 40).await;
     host.shutdown(Duration::from_secs(10)).await;
     subscriber.abort();
 
@@ -410,9 +412,10 @@ async fn mqtt5_user_properties_round_trip() {
     for record in &records {
         assert_eq!(record["headers"], serde_json::Value::Array(headers.clone()), "{record}");
     }
-    assert_eq!(republished.len(), 20);
-    for (topic, user_properties, content_type) in &republished {
-        assert_eq!(topic, "processed/north");
+    assert_eq!(republished.len(), 40);
+    assert_eq!(republished.iter().filter(|(topic, _, _)| topic == "processed/north").count(), 20);
+    assert_eq!(republished.iter().filter(|(topic, _, _)| topic == "processed/north/qos2").count(), 20);
+    for (_topic, user_properties, content_type) in &republished {
         assert_eq!(user_properties, &properties);
         assert_eq!(content_type.as_deref(), Some("application/json"));
     }
