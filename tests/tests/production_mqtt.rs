@@ -274,8 +274,8 @@ async fn host_name_mismatch_is_rejected() {
 }
 
 /// Starts a broker that takes user `eliot` with password `right-password`, which
-/// may read `devices/#` only, and user `device` (password `device`), which
-/// may write `devices/#`.
+/// may read `devices/#` and write `allowed/#`, and user `device` (password
+/// `device`), which may write `devices/#` and read `allowed/#`.
 fn auth_broker(dir: &Path) -> Mosquitto {
     let passwords = dir.join("passwords");
     for (user, password, create) in [("eliot", "right-password", true), ("device", "device", false)] {
@@ -287,7 +287,8 @@ fn auth_broker(dir: &Path) -> Mosquitto {
         assert!(status.success());
     }
     let acl = dir.join("acl");
-    std::fs::write(&acl, "user eliot\ntopic read devices/#\n\nuser device\ntopic write devices/#\n").unwrap();
+    let rules = "user eliot\ntopic read devices/#\ntopic write allowed/#\n\nuser device\ntopic write devices/#\ntopic read allowed/#\n";
+    std::fs::write(&acl, rules).unwrap();
     Mosquitto::builder()
         .allow_anonymous(false)
         .config_line(format!("password_file {}", passwords.display()))
@@ -380,6 +381,25 @@ async fn acl_limits_reads_and_republishes() {
     // The user may read devices/#, so every message came in; the file sink
     // wrote them before the republish failed, which at-least-once allows.
     assert_eq!(numbers(&read_complete_lines(dir.path().join("out/processed.jsonl")).iter().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<_>>()).len(), 10);
+
+    // With a topic the ACL allows, replay delivers them over the same
+    // credentials and MQTT 5, user properties included.
+    let path = dir.path().join("eliot.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace("forbidden/{pipeline}", "allowed/{pipeline}");
+    std::fs::write(&path, text).unwrap();
+    let (subscriber, received) = subscribe_v5(broker.port(), Some(("device", "device")), "allowed/#").await;
+    let output = std::process::Command::new(ELIOT).args(["dead-letters", "replay", "--all", "--config"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("replay finished: 10 delivered, 0 dropped, 0 failed again"), "{stdout}");
+    let replayed = received_within(&received, 10).await;
+    subscriber.abort();
+    assert_eq!(replayed.len(), 10);
+    for (topic, _user_properties, content_type) in &replayed {
+        assert_eq!(topic, "allowed/telemetry");
+        assert_eq!(content_type.as_deref(), Some("application/json"));
+    }
+    assert_eq!(eliot_tests::dead_letters::read_all(&dead_letters_path).len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,7 +412,7 @@ async fn mqtt5_user_properties_round_trip() {
     let tail = "\n[sinks.republish]\ntype = \"mqtt\"\ntopic = \"processed/{header.site}\"\n\n[sinks.republish-qos2]\ntype = \"mqtt\"\ntopic = \"processed/{header.site}/qos2\"\nqos = 2\n";
     let config = load(&write_config(dir.path(), &broker.address(), "eliot-v5", "protocol = \"5\"", sinks, tail));
     let host = start_connected(config).await;
-    let (subscriber, received) = subscribe_v5(broker.port(), "processed/#").await;
+    let (subscriber, received) = subscribe_v5(broker.port(), None, "processed/#").await;
 
     let properties = vec![
         ("site".to_owned(), "north".to_owned()),
@@ -425,11 +445,15 @@ type Republished = (String, Vec<(String, String)>, Option<String>);
 
 /// Subscribes over MQTT 5 and collects topic, user properties and content
 /// type of every message, until the returned task is aborted.
-async fn subscribe_v5(port: u16, filter: &str) -> (tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::Mutex<Vec<Republished>>>) {
+async fn subscribe_v5(port: u16, credentials: Option<(&str, &str)>, filter: &str) -> (tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::Mutex<Vec<Republished>>>) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("v5-subscriber", "127.0.0.1", port), 100);
+    let mut options = MqttOptions::new("v5-subscriber", "127.0.0.1", port);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
     client.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.unwrap();
     loop {
         match tokio::time::timeout(DELIVERY_TIMEOUT, eventloop.poll()).await.expect("SUBACK in time") {
