@@ -303,7 +303,7 @@ async fn bad_credentials_stop_host_after_retries() {
     let mqtt = "username = \"eliot\"\npassword = \"wrong-password\"";
     let config = write_config(dir.path(), &broker.address(), "eliot-bad-password", mqtt, "\"file\"", "");
 
-    // The binary, for the exit status and the log an operator sees.
+    // The binary, for the exit status and the log an operator reads.
     let log = dir.path().join("eliot.log");
     let mut child = std::process::Command::new(ELIOT)
         .args(["run", "--config"])
@@ -563,8 +563,8 @@ async fn mqtt5_session_expiry_is_sent() {
     assert!(seen.keys().all(|n| (200..210).contains(n)), "{seen:?}");
 }
 
-/// Records of one file sink: message number to copies, and torn lines
-/// (a write cut by SIGKILL).
+/// Counts the records of one file sink: copies per message number, and
+/// torn lines (a write cut by SIGKILL).
 fn tally(path: &Path) -> (BTreeMap<u64, usize>, usize) {
     let mut seen = BTreeMap::new();
     let mut torn = 0;
@@ -611,7 +611,8 @@ async fn shared_subscription_splits_and_survives_kill() {
     let (seen_a, torn_a) = tally(&outputs[0]);
     let (seen_b, torn_b) = tally(&outputs[1]);
     assert_eq!((torn_a, torn_b), (0, 0));
-    assert!(copies(&seen_a) > 0 && copies(&seen_b) > 0, "both hosts took a share: {} and {}", copies(&seen_a), copies(&seen_b));
+    assert!(copies(&seen_a) > 0, "host a took a share");
+    assert!(copies(&seen_b) > 0, "host b took a share");
     assert_eq!(copies(&seen_a) + copies(&seen_b), 10_000, "no message doubled");
     let mut union = seen_a.clone();
     for (n, count) in &seen_b {
@@ -646,7 +647,7 @@ async fn shared_subscription_splits_and_survives_kill() {
     .unwrap();
 
     // Mosquitto 2.0 keeps a killed member's persistent session in the
-    // group: it holds that member's unacknowledged messages, and goes on
+    // group: it keeps that member's unacknowledged messages, and goes on
     // assigning it a share of new ones, until the member returns (as
     // systemd or Kubernetes restart it). So host b comes back, and then
     // every message must be in a sink.
