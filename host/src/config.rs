@@ -150,6 +150,94 @@ pub struct MqttConfig {
     /// Largest packet the client accepts or sends, in bytes.
     #[serde(default = "default_max_packet_bytes")]
     pub max_packet_bytes: usize,
+    /// MQTT version spoken to the broker.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT 5 only: how long the broker keeps the session (subscriptions
+    /// and unacknowledged messages) after the host disconnects, in seconds.
+    /// `None` sends the maximum, which MQTT 5 defines as "never expires"
+    /// and is what a 3.1.1 persistent session does.
+    pub session_expiry_secs: Option<u32>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS to the broker; absent means plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The MQTT protocol version of the broker connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// Port of MQTT over TLS when `mqtt.broker` names none (IANA's
+/// "secure-mqtt").
+pub const TLS_PORT: u16 = 8883;
+
+impl MqttConfig {
+    /// Returns host and port of an external broker, with [`TLS_PORT`] when TLS is
+    /// on and `broker` has no port. `None` for `"embedded"` and for an
+    /// address without a port on plain TCP, which validation rejects.
+    pub fn address(&self) -> Option<(String, u16)> {
+        if self.broker == "embedded" {
+            return None;
+        }
+        crate::broker::parse_address(&self.broker).or_else(|| {
+            let host = self.broker.trim_start_matches('[').trim_end_matches(']');
+            let bare = !host.is_empty() && (!host.contains(':') || self.broker.starts_with('['));
+            (self.tls.is_some() && bare).then(|| (host.to_owned(), TLS_PORT))
+        })
+    }
+}
+
+/// A secret from the configuration. Its `Debug` and `Display` print `***`,
+/// so that it can appear in no log line and no error text by accident.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Returns the secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `[mqtt.tls]`: the broker's CA and, for mutual TLS, the client's
+/// certificate and key, all PEM files. Relative paths are resolved against
+/// the folder of the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificates that may sign the broker's certificate; absent means
+    /// the operating system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// Name checked against the broker's certificate instead of the host of
+    /// `mqtt.broker`, for a broker reached by an address its certificate
+    /// does not name.
+    pub server_name: Option<String>,
 }
 
 /// Smallest `mqtt.max_packet_bytes` accepted: below it not even a CONNECT
@@ -358,6 +446,7 @@ struct RawPipelineConfig {
     stages: Vec<String>,
     sinks: Vec<String>,
     device_key: Option<RawDeviceKey>,
+    share_group: Option<String>,
 }
 
 /// `device_key = { topic = "devices/{device_id}/telemetry" }` or
@@ -448,6 +537,22 @@ pub struct PipelineConfig {
     /// The source of a message's device id. Messages of one device stay in
     /// order on one worker.
     pub device_key: DeviceKey,
+    /// Shared-subscription group: the pipeline subscribes to
+    /// `$share/GROUP/FILTER`, so that the broker splits the messages among
+    /// every client in the group.
+    pub share_group: Option<String>,
+}
+
+impl PipelineConfig {
+    /// Returns the filters as subscribed: `$share/GROUP/FILTER` in a share
+    /// group, the plain filter otherwise. Incoming topics are matched against the
+    /// plain filters in [`PipelineConfig::topics`].
+    pub fn subscriptions(&self) -> impl Iterator<Item = String> + '_ {
+        self.topics.iter().map(|filter| match &self.share_group {
+            Some(group) => format!("$share/{group}/{}", filter.as_str()),
+            None => filter.as_str().to_owned(),
+        })
+    }
 }
 
 /// Where a pipeline's results go, and the sink's breaker.
@@ -819,6 +924,89 @@ impl Validator<'_> {
         }
     }
 
+    /// Checks the protocol, credentials and TLS keys of `[mqtt]`, and
+    /// resolves the TLS file paths.
+    fn validate_mqtt(&mut self, mqtt: &mut MqttConfig) {
+        if mqtt.protocol == Protocol::V311 && mqtt.session_expiry_secs.is_some() {
+            self.error(
+                "mqtt.session_expiry_secs",
+                "session expiry exists only in MQTT 5, but mqtt.protocol is \"3.1.1\"",
+                "set protocol = \"5\", or remove the key: a 3.1.1 session is kept until the client returns",
+            );
+        }
+        if mqtt.password.is_some() && mqtt.username.is_none() {
+            self.error(
+                "mqtt.password",
+                "a password is set without a username",
+                "set mqtt.username too, or remove the password",
+            );
+        }
+        if mqtt.username.as_deref() == Some("") {
+            self.error(
+                "mqtt.username",
+                "the username is empty",
+                "set the user name the broker knows, or remove the key",
+            );
+        }
+        let wants_mqtt5 = mqtt.protocol == Protocol::V5;
+        if mqtt.broker == "embedded"
+            && (mqtt.tls.is_some() || mqtt.username.is_some() || wants_mqtt5)
+        {
+            self.error(
+                "mqtt.broker",
+                "the embedded broker speaks plain MQTT 3.1.1 without credentials",
+                "remove [mqtt.tls], mqtt.username, mqtt.password and protocol = \"5\", or point mqtt.broker at an external broker",
+            );
+        }
+        let Some(tls) = &mut mqtt.tls else {
+            return;
+        };
+        for (key, path) in [
+            ("ca_file", &mut tls.ca_file),
+            ("client_cert_file", &mut tls.client_cert_file),
+            ("client_key_file", &mut tls.client_key_file),
+        ] {
+            if let Some(path) = path {
+                *path = self.resolve(path);
+                if !path.is_file() {
+                    self.error(
+                        format!("mqtt.tls.{key}"),
+                        format!("file {} not found", path.display()),
+                        "name an existing PEM file; relative paths start at the folder of this file",
+                    );
+                }
+            }
+        }
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            let (set, missing) = if tls.client_cert_file.is_some() {
+                ("client_cert_file", "client_key_file")
+            } else {
+                ("client_key_file", "client_cert_file")
+            };
+            self.error(
+                format!("mqtt.tls.{missing}"),
+                format!("mqtt.tls.{set} is set, but mqtt.tls.{missing} is not"),
+                "set both the client certificate and its private key for mutual TLS, or neither",
+            );
+        }
+        if let Some(name) = &tls.server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                self.error(
+                    "mqtt.tls.server_name",
+                    format!("\"{name}\" is neither a DNS name nor an IP address"),
+                    "write the name the broker's certificate holds, for example \"broker.example.com\"",
+                );
+            }
+        }
+        // Only once every file exists: the PEM contents, so that a bad file
+        // fails here, and in `eliot check`, not at the first connect.
+        if self.errors.iter().all(|e| !e.key.starts_with("mqtt.tls")) {
+            if let Err(e) = crate::tls::client_config(tls) {
+                self.error(format!("mqtt.tls.{}", e.key()), e.to_string(), e.fix());
+            }
+        }
+    }
+
     /// Validates `raw` and returns the configuration with every problem
     /// found. The configuration is complete but only valid when there is no
     /// problem.
@@ -830,14 +1018,15 @@ impl Validator<'_> {
         overlay: Option<PathBuf>,
     ) -> (Config, Vec<ConfigError>) {
         // First pass: values that stand alone.
-        if raw.mqtt.broker != "embedded" && crate::broker::parse_address(&raw.mqtt.broker).is_none()
-        {
+        if raw.mqtt.broker != "embedded" && raw.mqtt.address().is_none() {
             self.error(
                 "mqtt.broker",
                 format!("\"{}\" is neither \"embedded\" nor a host:port address", raw.mqtt.broker),
                 "write broker = \"embedded\" or broker = \"HOST:PORT\", for example \"127.0.0.1:1883\"",
             );
         }
+        let mut raw = raw;
+        self.validate_mqtt(&mut raw.mqtt);
         if raw.mqtt.client_id.is_empty() {
             self.error(
                 "mqtt.client_id",
@@ -1026,6 +1215,15 @@ impl Validator<'_> {
                     ),
                 }
             }
+            if let Some(group) = &pipeline.share_group {
+                if group.is_empty() || group.contains(['/', '+', '#']) {
+                    self.error(
+                        format!("pipelines.{name}.share_group"),
+                        format!("share group \"{group}\" is empty or contains '/', '+' or '#'"),
+                        "use a plain name such as \"eliot\"; every host with the same name shares the messages",
+                    );
+                }
+            }
             let qos = self.qos(format!("pipelines.{name}.qos"), pipeline.qos);
             if pipeline.workers == 0 || pipeline.workers > MAX_WORKERS {
                 self.error(
@@ -1070,6 +1268,7 @@ impl Validator<'_> {
                     stages: pipeline.stages,
                     sinks: pipeline.sinks,
                     device_key,
+                    share_group: pipeline.share_group,
                 },
             );
         }
@@ -1296,7 +1495,7 @@ path = "out/processed.jsonl"
             errors[0],
             format!(
                 "{}: key `pipelines.telemetry.stagez`: unknown field `stagez`, expected one of \
-                 `topics`, `qos`, `workers`, `stages`, `sinks`, `device_key` (line 18); remove the key or correct its spelling",
+                 `topics`, `qos`, `workers`, `stages`, `sinks`, `device_key`, `share_group` (line 18); remove the key or correct its spelling",
                 file.display()
             )
         );
@@ -1527,6 +1726,22 @@ path = "out/processed.jsonl"
     }
 
     #[test]
+    fn mqtt_defaults_are_plain_311() {
+        let (_dir, file) = setup();
+        let config = Config::parse(&file, VALID).unwrap();
+        assert_eq!(config.mqtt.protocol, Protocol::V311);
+        assert_eq!(config.mqtt.tls, None);
+        assert_eq!(config.mqtt.address(), Some(("127.0.0.1".to_owned(), 1883)));
+        assert_eq!(config.pipelines["telemetry"].share_group, None);
+        assert_eq!(
+            config.pipelines["telemetry"]
+                .subscriptions()
+                .collect::<Vec<_>>(),
+            vec!["devices/+/telemetry"]
+        );
+    }
+
+    #[test]
     fn overlay_bad_value_names_overlay_file() {
         let (dir, checked) = check_with(
             "[pipelines.telemetry]\nworkers = 0\n",
@@ -1600,6 +1815,100 @@ path = "out/processed.jsonl"
             errors[2].contains("key `pipelines.telemetry.workers`: invalid type: string \"two\""),
             "{}",
             errors[2]
+        );
+    }
+
+    #[test]
+    fn mqtt5_credentials_and_share_group_parse() {
+        let (_dir, file) = setup();
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                "client_id = \"eliot-test\"\nprotocol = \"5\"\nsession_expiry_secs = 600\nusername = \"eliot\"\npassword = \"s3cret\"",
+            )
+            .replace(
+                "sinks = [\"file\"]",
+                "sinks = [\"file\"]\nshare_group = \"ingest\"",
+            );
+        let config = Config::parse(&file, &text).unwrap();
+        assert_eq!(config.mqtt.protocol, Protocol::V5);
+        assert_eq!(config.mqtt.session_expiry_secs, Some(600));
+        assert_eq!(config.mqtt.password.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(
+            config.pipelines["telemetry"]
+                .subscriptions()
+                .collect::<Vec<_>>(),
+            vec!["$share/ingest/devices/+/telemetry"]
+        );
+    }
+
+    #[test]
+    fn password_never_printed() {
+        let secret = Secret::new("s3cret");
+        assert_eq!(format!("{secret}"), "***");
+        assert_eq!(format!("{secret:?}"), "***");
+        let (_dir, file) = setup();
+        let text = VALID.replace(
+            "client_id = \"eliot-test\"",
+            "client_id = \"eliot-test\"\nusername = \"eliot\"\npassword = \"s3cret\"",
+        );
+        let config = Config::parse(&file, &text).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_mqtt_settings_are_reported() {
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                "client_id = \"eliot-test\"\nsession_expiry_secs = 60\npassword = \"s3cret\"",
+            )
+            .replace(
+                "sinks = [\"file\"]",
+                "sinks = [\"file\"]\nshare_group = \"a/b\"",
+            );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.session_expiry_secs`: session expiry exists only in MQTT 5, but mqtt.protocol is \"3.1.1\"; set protocol = \"5\""
+        ));
+        assert!(errors[1].contains(
+            "key `mqtt.password`: a password is set without a username; set mqtt.username too"
+        ));
+        assert!(errors[2].contains("key `pipelines.telemetry.share_group`: share group \"a/b\" is empty or contains '/', '+' or '#'"));
+        assert!(errors.iter().all(|e| !e.contains("s3cret")));
+    }
+
+    #[test]
+    fn tls_files_are_checked() {
+        let (dir, file) = setup();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        std::fs::write(dir.path().join("client.pem"), "").unwrap();
+        let text = VALID
+            .replace("broker = \"127.0.0.1:1883\"", "broker = \"broker.example\"")
+            .replace(
+                "[runtime]",
+                "[mqtt.tls]\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\n\n[runtime]",
+            );
+        let errors = Config::parse(&file, &text).unwrap_err();
+        let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.tls.client_key_file`: mqtt.tls.client_cert_file is set, but mqtt.tls.client_key_file is not"
+        ), "{}", errors[0]);
+
+        // Without the client certificate, the CA file itself is read.
+        let text = text.replace("client_cert_file = \"client.pem\"\n", "");
+        let errors = Config::parse(&file, &text).unwrap_err();
+        let base = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!(errors.0[0].key, "mqtt.tls.ca_file");
+        assert_eq!(
+            errors.0[0].problem,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                base.join("ca.pem").display()
+            )
         );
     }
 
@@ -1800,5 +2109,57 @@ path = "out/processed.jsonl"
             "\"<redacted>\" and \"<redacted>\" are quoted"
         );
         assert_eq!(errors[0].fix, "not <redacted>");
+    }
+
+    #[test]
+    fn tls_broker_without_port_uses_8883() {
+        let mqtt = MqttConfig {
+            broker: "broker.example".to_owned(),
+            client_id: "eliot".to_owned(),
+            keep_alive_secs: 30,
+            max_packet_bytes: 1024,
+            protocol: Protocol::V311,
+            session_expiry_secs: None,
+            username: None,
+            password: None,
+            tls: None,
+        };
+        assert_eq!(mqtt.address(), None);
+        let tls = MqttConfig {
+            tls: Some(TlsConfig {
+                ca_file: None,
+                client_cert_file: None,
+                client_key_file: None,
+                server_name: None,
+            }),
+            ..mqtt
+        };
+        assert_eq!(tls.address(), Some(("broker.example".to_owned(), 8883)));
+        let ipv6 = MqttConfig {
+            broker: "[::1]".to_owned(),
+            ..tls.clone()
+        };
+        assert_eq!(ipv6.address(), Some(("::1".to_owned(), 8883)));
+        let with_port = MqttConfig {
+            broker: "broker.example:9883".to_owned(),
+            ..tls
+        };
+        assert_eq!(
+            with_port.address(),
+            Some(("broker.example".to_owned(), 9883))
+        );
+    }
+
+    #[test]
+    fn embedded_broker_rejects_mqtt5() {
+        let text = VALID.replace(
+            "broker = \"127.0.0.1:1883\"",
+            "broker = \"embedded\"\nprotocol = \"5\"",
+        );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.broker`: the embedded broker speaks plain MQTT 3.1.1 without credentials"
+        ));
     }
 }

@@ -54,6 +54,11 @@ impl Host {
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let config_for_reload = config.clone();
         // Resolve the broker first: the republish sinks connect to it too.
+        // An external broker is dialled by the name in the config, not by
+        // the address it resolves to now, so that TLS checks the
+        // certificate against that name and a changed DNS entry is followed
+        // on reconnect.
+        let mut dial = None;
         let broker = if config.mqtt.broker == "embedded" {
             let listen: SocketAddr = config
                 .embedded_broker
@@ -68,16 +73,25 @@ impl Host {
             tracing::info!(address = %address, "embedded broker listening");
             address
         } else {
-            let (host, port) =
-                crate::broker::parse_address(&config.mqtt.broker).with_context(|| {
-                    format!("mqtt.broker \"{}\" is not host:port", config.mqtt.broker)
-                })?;
-            let mut addresses = tokio::net::lookup_host((host.as_str(), port))
+            let (host, port) = config.mqtt.address().with_context(|| {
+                format!("mqtt.broker \"{}\" is not host:port", config.mqtt.broker)
+            })?;
+            let address = tokio::net::lookup_host((host.as_str(), port))
                 .await
-                .with_context(|| format!("cannot resolve broker host \"{host}\""))?;
-            addresses
+                .with_context(|| format!("cannot resolve broker host \"{host}\""))?
                 .next()
-                .with_context(|| format!("broker host \"{host}\" resolved to no address"))?
+                .with_context(|| format!("broker host \"{host}\" resolved to no address"))?;
+            dial = Some((host, port));
+            address
+        };
+        let endpoint = match dial {
+            Some((host, port)) => crate::mqtt::Endpoint::new(&config.mqtt, host, port)
+                .map_err(|e| anyhow::anyhow!("mqtt.tls.{}: {e}; {}", e.key(), e.fix()))?,
+            None => crate::mqtt::Endpoint::plain(
+                broker.ip().to_string(),
+                broker.port(),
+                Duration::from_secs(config.mqtt.keep_alive_secs),
+            ),
         };
 
         // Compile every plugin once. Compilation is CPU-bound, so it runs
@@ -108,8 +122,7 @@ impl Host {
                     SinkTarget::File(std::sync::Mutex::new(FileSink::open(path)?))
                 }
                 SinkKind::Mqtt { topic, qos, retain } => SinkTarget::Mqtt(MqttSink::connect(
-                    &broker.ip().to_string(),
-                    broker.port(),
+                    endpoint.clone(),
                     format!("{}-sink-{name}", config.mqtt.client_id),
                     topic.clone(),
                     *qos,
@@ -182,10 +195,8 @@ impl Host {
         };
 
         let options = SourceOptions {
-            host: broker.ip().to_string(),
-            port: broker.port(),
+            endpoint,
             client_id: config.mqtt.client_id.clone(),
-            keep_alive: Duration::from_secs(config.mqtt.keep_alive_secs),
             max_packet_bytes: config.mqtt.max_packet_bytes,
         };
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -334,8 +345,8 @@ struct SourceShared {
 /// at-least-once allows. Once shutdown is asked for, drains.
 async fn supervise_source(
     options: SourceOptions,
-    mut connection: (rumqttc::AsyncClient, rumqttc::EventLoop),
-    client: watch::Sender<rumqttc::AsyncClient>,
+    mut connection: (crate::mqtt::Client, crate::mqtt::EventLoop),
+    client: watch::Sender<crate::mqtt::Client>,
     shared: SourceShared,
     acker: JoinHandle<()>,
     supervisor: Arc<Supervisor>,
@@ -354,7 +365,10 @@ async fn supervise_source(
             &shared.events,
         );
         match std::panic::AssertUnwindSafe(run).catch_unwind().await {
-            Ok(finished) => {
+            Ok((finished, stopped)) => {
+                if let source::Stopped::Rejected(reason) = stopped {
+                    supervisor.escalate("source", &reason);
+                }
                 source::drain(
                     finished,
                     &shared.pipelines,
@@ -387,9 +401,9 @@ async fn supervise_source(
 /// lost, so the broker delivers that message again after the next
 /// reconnect; the ones behind it still go out.
 async fn supervise_acker(
-    client: watch::Receiver<rumqttc::AsyncClient>,
+    client: watch::Receiver<crate::mqtt::Client>,
     connection: Arc<std::sync::atomic::AtomicU64>,
-    mut acks: mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
+    mut acks: mpsc::UnboundedReceiver<(crate::mqtt::AckToken, u64)>,
     supervisor: Arc<Supervisor>,
 ) {
     use futures::FutureExt as _;

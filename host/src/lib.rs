@@ -17,6 +17,7 @@ pub mod events;
 pub mod fleet;
 pub mod host;
 pub mod layers;
+pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;
 pub mod plugin_build;
@@ -28,6 +29,7 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod supervisor;
+pub mod tls;
 pub mod topic;
 pub mod wasm;
 

@@ -31,8 +31,8 @@ const SINK_BATCH: usize = 256;
 /// a registration or a finish, and the released acks are queued on the
 /// unbounded channel while it is held, so they reach the acker in order.
 pub struct AckQueue {
-    tracker: std::sync::Mutex<AckTracker<(rumqttc::Publish, u64)>>,
-    acks: mpsc::UnboundedSender<(rumqttc::Publish, u64)>,
+    tracker: std::sync::Mutex<AckTracker<(crate::mqtt::AckToken, u64)>>,
+    acks: mpsc::UnboundedSender<(crate::mqtt::AckToken, u64)>,
     /// Number of the current broker connection. A packet id is only valid on
     /// the connection that delivered the message: after a reconnect the
     /// broker delivers unacknowledged messages again (kept session) or has
@@ -44,7 +44,7 @@ pub struct AckQueue {
 }
 
 impl AckQueue {
-    pub fn new(acks: mpsc::UnboundedSender<(rumqttc::Publish, u64)>) -> Arc<Self> {
+    pub fn new(acks: mpsc::UnboundedSender<(crate::mqtt::AckToken, u64)>) -> Arc<Self> {
         Arc::new(Self {
             tracker: std::sync::Mutex::new(AckTracker::default()),
             acks,
@@ -52,7 +52,7 @@ impl AckQueue {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker<(rumqttc::Publish, u64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker<(crate::mqtt::AckToken, u64)>> {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -93,11 +93,16 @@ pub struct AckHandle {
 }
 
 impl AckHandle {
-    /// Registers `publish` in arrival order. `pipelines` is the number of
-    /// pipelines the message was routed to.
-    pub fn new(publish: rumqttc::Publish, pipelines: usize, queue: &Arc<AckQueue>) -> Arc<Self> {
-        let sequence = (publish.qos != rumqttc::QoS::AtMostOnce)
-            .then(|| queue.lock().register((publish, queue.connection())));
+    /// Registers the message of `token`, received at `qos`, in arrival
+    /// order. `pipelines` is the number of pipelines it was routed to.
+    pub fn new(
+        token: crate::mqtt::AckToken,
+        qos: rumqttc::QoS,
+        pipelines: usize,
+        queue: &Arc<AckQueue>,
+    ) -> Arc<Self> {
+        let sequence = (qos != rumqttc::QoS::AtMostOnce)
+            .then(|| queue.lock().register((token, queue.connection())));
         Arc::new(Self {
             remaining: AtomicUsize::new(pipelines),
             sequence,
@@ -1073,7 +1078,10 @@ async fn write_outputs(
                 let topic = mqtt
                     .topic
                     .render(pipeline, message)
-                    .and_then(|topic| mqtt.check_size(&topic, &message.payload).map(|()| topic))
+                    .and_then(|topic| {
+                        mqtt.check_size(&topic, &message.payload, &message.headers)
+                            .map(|()| topic)
+                    })
                     .map_err(|reason| (format!("sink:{}", sink.name), reason))?;
                 topics.push(topic);
             }
@@ -1100,7 +1108,10 @@ async fn write_outputs(
             SinkTarget::Mqtt(mqtt) => {
                 for message in outputs {
                     let topic = topics.next().expect("one topic was rendered per output");
-                    confirmations.push(mqtt.publish(topic, message.payload.clone()).await);
+                    confirmations.push(
+                        mqtt.publish(topic, message.payload.clone(), message.headers.clone())
+                            .await,
+                    );
                 }
             }
         }

@@ -368,6 +368,8 @@ const REPUBLISH_ATTEMPTS: u32 = 5;
 struct Pending {
     topic: String,
     payload: Vec<u8>,
+    /// Sent as MQTT 5 user properties; dropped on 3.1.1.
+    headers: Vec<(String, String)>,
     /// Connections it was queued on.
     attempts: u32,
     confirm: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
@@ -384,7 +386,7 @@ struct RepublishState {
     outbox: crate::outbox::Outbox<Pending>,
     /// The current connection's client, while it is up. Queueing under the
     /// lock keeps the channel in the order the outbox expects.
-    client: Option<rumqttc::AsyncClient>,
+    client: Option<crate::mqtt::Client>,
     qos: rumqttc::QoS,
     retain: bool,
     closed: bool,
@@ -401,14 +403,20 @@ impl RepublishState {
     /// for the whole window, so it is never full; a closed channel means
     /// the connection is being replaced, and the next one sends it again.
     fn queue(
-        client: Option<&rumqttc::AsyncClient>,
+        client: Option<&crate::mqtt::Client>,
         qos: rumqttc::QoS,
         retain: bool,
         pending: &mut Pending,
     ) {
         pending.attempts += 1;
         if let Some(client) = client {
-            let _ = client.try_publish(pending.topic.clone(), qos, retain, pending.payload.clone());
+            let _ = client.try_publish(
+                &pending.topic,
+                qos,
+                retain,
+                pending.payload.clone(),
+                &pending.headers,
+            );
         }
     }
 
@@ -429,20 +437,16 @@ impl RepublishState {
 }
 
 impl MqttSink {
-    /// Connects to `host:port` with client id `client_id` and drives the
+    /// Connects to `endpoint` with client id `client_id` and drives the
     /// connection in a background task until the sink is dropped.
     pub fn connect(
-        host: &str,
-        port: u16,
+        endpoint: crate::mqtt::Endpoint,
         client_id: String,
         topic: TopicTemplate,
         qos: rumqttc::QoS,
         retain: bool,
         max_packet_bytes: usize,
     ) -> Self {
-        let mut options = rumqttc::MqttOptions::new(client_id.clone(), host, port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_max_packet_size(max_packet_bytes, max_packet_bytes);
         let shared = Arc::new(Republish {
             state: std::sync::Mutex::new(RepublishState {
                 outbox: crate::outbox::Outbox::new(qos == rumqttc::QoS::AtMostOnce),
@@ -453,7 +457,12 @@ impl MqttSink {
             }),
             room: tokio::sync::Semaphore::new(REPUBLISH_WINDOW),
         });
-        tokio::spawn(drive_republish(options, client_id, shared.clone()));
+        tokio::spawn(drive_republish(
+            endpoint,
+            client_id,
+            max_packet_bytes,
+            shared.clone(),
+        ));
         Self {
             shared,
             max_packet_bytes,
@@ -468,7 +477,12 @@ impl MqttSink {
     /// # Errors
     ///
     /// Returns why the publish cannot be sent.
-    pub fn check_size(&self, topic: &str, payload: &[u8]) -> Result<(), String> {
+    pub fn check_size(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        headers: &[(String, String)],
+    ) -> Result<(), String> {
         if topic.is_empty() || topic.contains(['+', '#']) {
             return Err(format!(
                 "republish topic \"{topic}\" is empty or contains a wildcard (+ or #), which MQTT allows only in filters; check the sink's topic template and the fields it takes"
@@ -480,8 +494,16 @@ impl MqttSink {
                 topic.len()
             ));
         }
-        // Fixed header (at most 5 bytes), topic length prefix and packet id.
-        let packet = 5 + 2 + topic.len() + 2 + payload.len();
+        // Fixed header (at most 5 bytes), topic length prefix, packet id,
+        // and on MQTT 5 the property length (at most 4 bytes) and one
+        // identifier byte and two length-prefixed strings per header. The
+        // estimate counts the properties on 3.1.1 too, which is at most
+        // their size too strict.
+        let properties: usize = headers
+            .iter()
+            .map(|(name, value)| 1 + 2 + name.len() + 2 + value.len())
+            .sum();
+        let packet = 5 + 2 + topic.len() + 2 + 4 + properties + payload.len();
         if packet > self.max_packet_bytes {
             return Err(format!(
                 "republished packet of {packet} bytes exceeds mqtt.max_packet_bytes ({} bytes)",
@@ -494,7 +516,12 @@ impl MqttSink {
     /// Adds one publish to the outbox and returns what resolves once the
     /// broker confirmed it. Waits while the window of unconfirmed publishes
     /// is full.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Confirmation {
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> Confirmation {
         let (confirm, confirmation) = tokio::sync::oneshot::channel();
         // The semaphore is never closed, so acquiring only waits.
         if let Ok(permit) = self.shared.room.acquire().await {
@@ -505,6 +532,7 @@ impl MqttSink {
         let (_, queue_now) = state.outbox.push(Pending {
             topic,
             payload,
+            headers,
             attempts: 0,
             confirm: Some(confirm),
         });
@@ -531,12 +559,24 @@ impl Drop for MqttSink {
 /// Drives the sink's connection: a new rumqttc event loop for every
 /// connection, so that what was queued on a lost one is dropped with it and
 /// sent again from the outbox, exactly once per connection.
-async fn drive_republish(options: rumqttc::MqttOptions, client_id: String, shared: Arc<Republish>) {
+async fn drive_republish(
+    endpoint: crate::mqtt::Endpoint,
+    client_id: String,
+    max_packet_bytes: usize,
+    shared: Arc<Republish>,
+) {
     let mut backoff = crate::source::ReconnectBackoff::new();
+    let session = crate::mqtt::Session {
+        client_id: &client_id,
+        persistent: false,
+        manual_acks: false,
+        max_incoming_bytes: max_packet_bytes,
+        max_outgoing_bytes: max_packet_bytes,
+        capacity: REPUBLISH_WINDOW + 1,
+        receive_maximum: None,
+    };
     loop {
-        let (client, mut eventloop) =
-            rumqttc::AsyncClient::new(options.clone(), REPUBLISH_WINDOW + 1);
-        crate::source::set_tcp_nodelay(&mut eventloop);
+        let (client, mut eventloop) = crate::mqtt::connect(&endpoint, &session);
         loop {
             let event = eventloop.poll().await;
             match on_republish_event(&shared, &client, &client_id, event) {
@@ -573,16 +613,16 @@ enum Step {
 /// Applies one event of the republish connection to the outbox.
 fn on_republish_event(
     shared: &Republish,
-    client: &rumqttc::AsyncClient,
+    client: &crate::mqtt::Client,
     client_id: &str,
-    event: Result<rumqttc::Event, rumqttc::ConnectionError>,
+    event: Result<crate::mqtt::Event, crate::mqtt::ConnectionError>,
 ) -> Step {
-    use rumqttc::{Event, Outgoing, Packet};
+    use crate::mqtt::Event;
 
     let mut guard = shared.lock();
     let state = &mut *guard;
     match event {
-        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+        Ok(Event::ConnAck { .. }) => {
             if state.closed {
                 let _ = client.try_disconnect();
                 return Step::Connected;
@@ -601,22 +641,32 @@ fn on_republish_event(
             }
             Step::Connected
         }
-        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+        Ok(Event::PublishWritten { pkid }) => {
             let confirmed = state.outbox.written(pkid);
             RepublishState::confirm(&shared.room, confirmed, Ok(()));
             Step::Next
         }
-        Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+        Ok(Event::AwaitAck { pkid }) => {
             state.outbox.held_back(pkid);
             Step::Next
         }
-        Ok(Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid })))
-        | Ok(Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid }))) => {
+        Ok(Event::Acknowledged { pkid, refused }) => {
             let confirmed = state.outbox.acknowledged(pkid);
-            RepublishState::confirm(&shared.room, confirmed, Ok(()));
+            let result = match (&confirmed, refused) {
+                (Some(pending), Some(reason)) => {
+                    let reason = format!(
+                        "the broker refused the republish to \"{}\" with reason {reason}; allow this client to publish there in the broker's ACL, or change the sink's topic",
+                        pending.topic
+                    );
+                    tracing::error!(client_id, topic = %pending.topic, reason, "republish refused");
+                    Err(reason)
+                }
+                _ => Ok(()),
+            };
+            RepublishState::confirm(&shared.room, confirmed, result);
             Step::Next
         }
-        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+        Ok(Event::DisconnectSent) => {
             state.client = None;
             Step::Stop
         }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
 
 use crate::events::Events;
+use crate::mqtt::{AckToken, Client, Endpoint, Event, EventLoop, Incoming, QoS};
 use crate::pipeline::{AckHandle, AckQueue, Job, Pipeline, PipelineSet};
 use crate::stats;
 use crate::wasm::{Message, Qos};
@@ -52,50 +52,59 @@ impl Default for ReconnectBackoff {
 }
 
 /// Connection settings of the source.
+#[derive(Clone)]
 pub struct SourceOptions {
-    pub host: String,
-    pub port: u16,
+    pub endpoint: Endpoint,
     pub client_id: String,
-    pub keep_alive: Duration,
     pub max_packet_bytes: usize,
 }
 
-/// Largest packet MQTT can encode: a remaining length of 268,435,455 bytes.
-const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+/// Consecutive rejections (refused connects, certificates that fail
+/// verification, refused subscriptions) after which the source gives up and
+/// the host exits with the error. A rejection repeats with the same
+/// settings, so retrying for ever would only hide it. Five attempts take
+/// 1.5 to 3 s with the backoff and its jitter, which rides out a broker
+/// whose authentication backend is still loading after a restart.
+pub const MAX_REJECTIONS: u32 = 5;
 
 /// Connects and returns the client and its event loop. Acknowledgements are
 /// manual: the host sends PUBACK only after the sinks took a message.
-pub fn connect(options: &SourceOptions) -> (AsyncClient, EventLoop) {
-    let mut mqtt = MqttOptions::new(
-        options.client_id.clone(),
-        options.host.clone(),
-        options.port,
-    );
-    mqtt.set_keep_alive(options.keep_alive);
-    // The client accepts packets up to the protocol's maximum, and the
-    // router dead-letters payloads over the configured limit. A limit in the
-    // client would fail the whole connection instead, and the broker would
-    // deliver the same message again after every reconnect, forever.
-    mqtt.set_max_packet_size(MQTT_MAX_PACKET, options.max_packet_bytes);
-    mqtt.set_clean_session(false);
-    mqtt.set_manual_acks(true);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
-    set_tcp_nodelay(&mut eventloop);
-    (client, eventloop)
+pub fn connect(options: &SourceOptions) -> (Client, EventLoop) {
+    crate::mqtt::connect(
+        &options.endpoint,
+        &crate::mqtt::Session {
+            client_id: &options.client_id,
+            persistent: true,
+            manual_acks: true,
+            // The client accepts packets up to the protocol's maximum, and
+            // the router dead-letters payloads over the configured limit. A
+            // limit in the client would fail the whole connection instead,
+            // and the broker would deliver the same message again after
+            // every reconnect, forever.
+            max_incoming_bytes: crate::mqtt::MQTT_MAX_PACKET,
+            max_outgoing_bytes: options.max_packet_bytes,
+            capacity: 1024,
+            // The broker's in-flight window on MQTT 5, as Mosquitto's
+            // max_inflight_messages is on 3.1.1. Held acks keep that many
+            // messages in the host, so it stays within MAX_PENDING: the
+            // source then never stops polling for QoS 1 and 2 messages,
+            // and keepalive pings go out while the pipelines are full.
+            receive_maximum: Some(MAX_PENDING as u16),
+        },
+    )
 }
 
-/// Turns off Nagle's algorithm on the event loop's connections (rumqttc
-/// leaves it on). With it on, a small PUBACK or PUBLISH written while an
-/// earlier segment is unacknowledged can wait for the peer's delayed ACK,
-/// up to 40 ms on Linux. The broker needs the same setting for messages it
-/// sends (Mosquitto: `set_tcp_nodelay true`).
-pub fn set_tcp_nodelay(eventloop: &mut EventLoop) {
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
+/// The reason [`run`] returned.
+pub enum Stopped {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The broker rejected the host [`MAX_REJECTIONS`] times in a row; the
+    /// text names the cause and the fix.
+    Rejected(String),
 }
 
-/// Reads messages until `shutdown` turns true and returns the connection,
+/// Reads messages until `shutdown` turns true, or until the broker rejected
+/// the host [`MAX_REJECTIONS`] times in a row, and returns the connection,
 /// which [`drain`] then keeps polled while the last acks go out.
 ///
 /// Reconnects with backoff after a connection error and subscribes again
@@ -104,7 +113,7 @@ pub fn set_tcp_nodelay(eventloop: &mut EventLoop) {
 // struct for them would only move the list.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    client: AsyncClient,
+    client: Client,
     mut eventloop: EventLoop,
     set: &PipelineSet,
     ack_queue: &Arc<AckQueue>,
@@ -112,15 +121,20 @@ pub async fn run(
     connected: &watch::Sender<bool>,
     max_payload_bytes: usize,
     events: &Events,
-) -> (AsyncClient, EventLoop) {
+) -> ((Client, EventLoop), Stopped) {
     let mut backoff = ReconnectBackoff::new();
+    // Rejections since the source was last fully subscribed.
+    let mut rejections = 0u32;
+    let mut stopped = Stopped::Shutdown;
     // Messages read from the broker and not yet taken by a worker, in
     // arrival order. While it has room the event loop keeps being polled, so
     // keepalive pings go out even when the pipelines are full. At QoS 1 and 2
     // the broker's in-flight window bounds it; only a QoS 0 flood fills it,
     // and then the source stops reading until the workers catch up.
     let mut pending: VecDeque<Routed> = VecDeque::new();
-    let mut awaiting_subacks = 0usize;
+    // Subscriptions sent and not yet acknowledged, in request order, which
+    // is the order of the broker's SUBACKs.
+    let mut awaiting_subacks: VecDeque<String> = VecDeque::new();
     let mut changes = set.changes();
     // Filters subscribed on this connection, with their QoS.
     let mut subscribed: Subscriptions = BTreeMap::new();
@@ -128,7 +142,8 @@ pub async fn run(
     loop {
         if std::mem::take(&mut filters_changed) {
             let pipelines = set.current();
-            follow_filters(&client, &pipelines, events, &mut subscribed).await;
+            let sent = follow_filters(&client, &pipelines, events, &mut subscribed).await;
+            awaiting_subacks.extend(sent);
         }
         // Hand over what the workers have room for, oldest first.
         while let Some(routed) = pending.pop_front() {
@@ -155,23 +170,20 @@ pub async fn run(
         };
         let pipelines = set.current();
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Publish(publish)) => {
                 route(
                     &pipelines,
-                    publish,
+                    *publish,
                     ack_queue,
                     max_payload_bytes,
                     &mut pending,
                     events,
                 );
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Event::ConnAck { session_present }) => {
                 backoff.reset();
                 ack_queue.new_connection();
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to the broker"
-                );
+                tracing::info!(session_present, "connected to the broker");
                 // Subscribe on every connect, also when the broker kept the
                 // session: the configuration may have gained filters since.
                 // Subscribing again to a kept filter replaces it and keeps
@@ -179,37 +191,74 @@ pub async fn run(
                 // every filter, because what is published before that
                 // reaches no subscriber.
                 subscribed.clear();
-                awaiting_subacks =
-                    follow_filters(&client, &pipelines, events, &mut subscribed).await;
-                if awaiting_subacks == 0 {
+                awaiting_subacks = follow_filters(&client, &pipelines, events, &mut subscribed)
+                    .await
+                    .into();
+                if awaiting_subacks.is_empty() {
+                    rejections = 0;
                     connected.send_replace(true);
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .filter(|code| matches!(code, SubscribeReasonCode::Failure))
-                    .count();
+            Ok(Event::SubAck { pkid, refused }) => {
+                let filter = awaiting_subacks.pop_front().unwrap_or_default();
                 if refused > 0 {
-                    tracing::error!(
-                        pkid = ack.pkid,
-                        refused,
-                        "the broker refused a subscription; check its ACL for this client"
+                    // A pipeline without its filter would look healthy and
+                    // receive nothing, so a refusal counts as a rejection:
+                    // retried a few times, then the host stops.
+                    // NOTE: no test covers this branch. Mosquitto 2.0.11
+                    // grants a subscription its ACL forbids and filters at
+                    // delivery instead; only brokers that check the ACL at
+                    // subscribe time refuse in the SUBACK.
+                    rejections += 1;
+                    let error = format!(
+                        "the broker refused the subscription to \"{filter}\"; allow this user to read it in the broker's ACL, or correct the pipeline's topics"
                     );
+                    if rejections >= MAX_REJECTIONS {
+                        tracing::error!(error, rejections, "giving up");
+                        stopped = Stopped::Rejected(error);
+                        break;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::error!(
+                        error,
+                        pkid,
+                        rejections,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "subscription refused"
+                    );
+                    tokio::select! {
+                        _ = shutdown.wait_for(|stop| *stop) => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    // Subscribe again to everything; a filter already
+                    // granted is only replaced.
+                    subscribed.clear();
+                    filters_changed = true;
                 } else {
-                    tracing::info!(pkid = ack.pkid, "subscribed");
+                    tracing::info!(pkid, filter, "subscribed");
                 }
-                awaiting_subacks = awaiting_subacks.saturating_sub(1);
-                if awaiting_subacks == 0 {
+                if awaiting_subacks.is_empty() && !filters_changed {
+                    rejections = 0;
                     connected.send_replace(true);
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 connected.send_replace(false);
+                if e.rejected {
+                    rejections += 1;
+                    if rejections >= MAX_REJECTIONS {
+                        tracing::error!(error = %e, rejections, "the broker rejected every attempt; giving up");
+                        stopped = Stopped::Rejected(e.text);
+                        break;
+                    }
+                }
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                if e.rejected {
+                    tracing::error!(error = %e, rejections, retry_in_ms = delay.as_millis() as u64, "broker rejected the connection");
+                } else {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection failed");
+                }
                 tokio::select! {
                     _ = shutdown.wait_for(|stop| *stop) => break,
                     () = tokio::time::sleep(delay) => {}
@@ -221,7 +270,7 @@ pub async fn run(
     // Messages still pending were never handed to a worker and stay
     // unacknowledged.
     drop(pending);
-    (client, eventloop)
+    ((client, eventloop), stopped)
 }
 
 /// Drains after [`run`] returned: dropping the last handles of the
@@ -231,7 +280,7 @@ pub async fn run(
 /// left unacknowledged, so the broker delivers them again to the next
 /// session.
 pub async fn drain(
-    (client, mut eventloop): (AsyncClient, EventLoop),
+    (client, mut eventloop): (Client, EventLoop),
     set: &PipelineSet,
     ack_queue: Arc<AckQueue>,
     mut acker: tokio::task::JoinHandle<()>,
@@ -264,31 +313,32 @@ type Subscriptions = BTreeMap<String, QoS>;
 
 /// Subscribes every filter of `pipelines` and the device status filter that
 /// is not in `subscribed` (or whose QoS changed), and unsubscribes every
-/// filter no pipeline has any more, one request each. Returns how many
-/// subscribe requests were queued.
+/// filter no pipeline has any more, one request each. Returns the filters of
+/// the subscribe requests queued, in order.
 async fn follow_filters(
-    client: &AsyncClient,
+    client: &Client,
     pipelines: &[Arc<Pipeline>],
     events: &Events,
     subscribed: &mut Subscriptions,
-) -> usize {
+) -> Vec<String> {
     let mut wanted = Subscriptions::new();
     if let Some(filter) = &events.status_topic {
         // QoS 1, so that a device's last will is not lost on the way.
         wanted.insert(filter.as_str().to_owned(), QoS::AtLeastOnce);
     }
     for pipeline in pipelines {
-        for filter in &pipeline.config.topics {
+        // NOTE: a pipeline in a share group and another one outside it on
+        // the same filter make two subscriptions. The broker delivers a
+        // message on both, so each pipeline gets it twice.
+        for filter in pipeline.config.subscriptions() {
             // Two pipelines on one filter: the higher QoS serves both.
-            let qos = wanted
-                .entry(filter.as_str().to_owned())
-                .or_insert(QoS::AtMostOnce);
+            let qos = wanted.entry(filter).or_insert(QoS::AtMostOnce);
             if pipeline.config.qos > *qos {
                 *qos = pipeline.config.qos;
             }
         }
     }
-    let mut queued = 0;
+    let mut queued = Vec::new();
     for (filter, qos) in &wanted {
         if subscribed.get(filter) == Some(qos) {
             continue;
@@ -296,7 +346,7 @@ async fn follow_filters(
         // The request only fails once the event loop is gone, and then the
         // next ConnAck subscribes again.
         match client.subscribe(filter.as_str(), *qos).await {
-            Ok(()) => queued += 1,
+            Ok(()) => queued.push(filter.clone()),
             Err(e) => tracing::error!(filter, error = %e, "subscribe request failed"),
         }
     }
@@ -327,7 +377,7 @@ struct Routed {
 /// one job per pipeline to `pending`.
 fn route(
     pipelines: &[Arc<Pipeline>],
-    publish: rumqttc::Publish,
+    publish: Incoming,
     acks: &Arc<AckQueue>,
     max_payload_bytes: usize,
     pending: &mut VecDeque<Routed>,
@@ -341,14 +391,22 @@ fn route(
         .iter()
         .filter(|p| p.config.topics.iter().any(|f| f.matches(&publish.topic)))
         .collect();
+    let Incoming {
+        topic,
+        payload,
+        qos,
+        retain,
+        headers,
+        ack,
+    } = publish;
     let status = events
         .status_topic
         .as_ref()
-        .is_some_and(|filter| filter.matches(&publish.topic));
+        .is_some_and(|filter| filter.matches(&topic));
     if status {
-        events.device_status(&publish.topic, &publish.payload);
+        events.device_status(&topic, &payload);
     }
-    let ack = AckHandle::new(publish.clone(), matching.len().max(1), acks);
+    let ack = AckHandle::new(ack, qos, matching.len().max(1), acks);
     if matching.is_empty() && status {
         ack.finish();
         return;
@@ -356,27 +414,27 @@ fn route(
     if matching.is_empty() {
         // Can happen with overlapping subscriptions kept from an older
         // configuration in a persistent session.
-        tracing::debug!(topic = %publish.topic, "no pipeline matches; acknowledged and ignored");
+        tracing::debug!(topic, "no pipeline matches; acknowledged and ignored");
         ack.finish();
         return;
     }
 
-    let mut message = Message {
-        topic: publish.topic.clone(),
-        payload: publish.payload.to_vec(),
-        qos: match publish.qos {
+    let mut received = Message {
+        topic,
+        payload,
+        qos: match qos {
             QoS::AtMostOnce => Qos::AtMostOnce,
             QoS::AtLeastOnce => Qos::AtLeastOnce,
             QoS::ExactlyOnce => Qos::ExactlyOnce,
         },
-        retain: publish.retain,
+        retain,
         received_at_ms: crate::clock::now_ms(),
-        headers: Vec::new(),
+        headers,
     };
-    if message.payload.len() > max_payload_bytes {
+    if received.payload.len() > max_payload_bytes {
         // Marked here, dead-lettered by the workers without calling a
         // plugin, so that the stored message keeps its place in the order.
-        message
+        received
             .headers
             .push((OVERSIZED_HEADER.to_owned(), max_payload_bytes.to_string()));
     }
@@ -384,11 +442,11 @@ fn route(
     // pipeline's device key gave, or the topic's second level without one.
     let mut registered_id: Option<String> = None;
     for pipeline in matching {
-        let mut message = message.clone();
+        let mut message = received.clone();
         let key = &pipeline.config.device_key;
         // NOTE: a payload key parses each message's JSON here, on the one
         // source task, before a worker has it; its cost was not measured.
-        let worker = match crate::device::device_id(key, &publish.topic, &message.payload) {
+        let worker = match crate::device::device_id(key, &received.topic, &received.payload) {
             Ok(id) => {
                 if key.names_device() {
                     // The pipeline's key replaces any `device_id` header the
@@ -409,8 +467,8 @@ fn route(
                 // the order of its topic, and the count shows how many
                 // messages the key did not fit.
                 stats::add(&pipeline.stats.device_key_missing, 1);
-                tracing::debug!(pipeline = %pipeline.config.name, topic = %publish.topic, device_key = %key, reason = %missing, "no device id; keyed by the topic");
-                pipeline.worker_for(&publish.topic)
+                tracing::debug!(pipeline = %pipeline.config.name, topic = %received.topic, device_key = %key, reason = %missing, "no device id; keyed by the topic");
+                pipeline.worker_for(&received.topic)
             }
         };
         pending.push_back(Routed {
@@ -424,8 +482,8 @@ fn route(
     }
     let device = registered_id
         .as_deref()
-        .unwrap_or_else(|| crate::fleet::device_id(&publish.topic));
-    events.message_received(device, &publish.topic);
+        .unwrap_or_else(|| crate::fleet::device_id(&received.topic));
+    events.message_received(device, &received.topic);
 }
 
 /// Header that marks a message whose payload exceeds `mqtt.max_payload_bytes`.
@@ -435,22 +493,22 @@ pub const OVERSIZED_HEADER: &str = "eliot-oversized-limit";
 /// gone. `client` names the client of the source's current connection; a
 /// restarted source task replaces it.
 pub async fn run_acker(
-    client: watch::Receiver<AsyncClient>,
+    client: watch::Receiver<Client>,
     current_connection: Arc<std::sync::atomic::AtomicU64>,
-    acks: &mut mpsc::UnboundedReceiver<(rumqttc::Publish, u64)>,
+    acks: &mut mpsc::UnboundedReceiver<(AckToken, u64)>,
 ) {
-    while let Some((publish, connection)) = acks.recv().await {
+    while let Some((token, connection)) = acks.recv().await {
         if connection != current_connection.load(std::sync::atomic::Ordering::Acquire) {
-            tracing::debug!(topic = %publish.topic, pkid = publish.pkid, "ack from an earlier connection skipped; the broker redelivers or forgot the message");
+            tracing::debug!(pkid = token.pkid(), "ack from an earlier connection skipped; the broker redelivers or forgot the message");
             continue;
         }
         #[cfg(feature = "fault-injection")]
-        if publish.topic.contains(FAULT_INJECTION_ACKER_TOPIC_LEVEL) && inject_once(&ACKER_FAULT) {
-            panic!("fault injected in the acker for topic {}", publish.topic);
+        if token.topic().contains(FAULT_INJECTION_ACKER_TOPIC_LEVEL) && inject_once(&ACKER_FAULT) {
+            panic!("fault injected in the acker for topic {}", token.topic());
         }
         let client = client.borrow().clone();
-        if let Err(e) = client.ack(&publish).await {
-            tracing::warn!(topic = %publish.topic, pkid = publish.pkid, error = %e, "acknowledgement not sent; the broker will redeliver");
+        if let Err(e) = client.ack(&token).await {
+            tracing::warn!(pkid = token.pkid(), error = %e, "acknowledgement not sent; the broker will redeliver");
         }
     }
 }

@@ -53,9 +53,37 @@ pub struct MosquittoBuilder {
     verbose_log: bool,
     config_lines: Vec<String>,
     startup_timeout: Duration,
+    allow_anonymous: bool,
+    tls: Option<TlsListener>,
+}
+
+/// PEM files of a TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// CA that signs the client certificates Mosquitto accepts.
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Mutual TLS: reject clients without a certificate signed by `ca_file`.
+    pub require_certificate: bool,
 }
 
 impl MosquittoBuilder {
+    /// Sets `allow_anonymous`; true by default. Turn it off together with a
+    /// `password_file` line for tests of authentication.
+    pub fn allow_anonymous(mut self, allowed: bool) -> Self {
+        self.allow_anonymous = allowed;
+        self
+    }
+
+    /// Makes the main listener ([`Mosquitto::port`]) a TLS listener, and
+    /// adds a plain listener ([`Mosquitto::plain_port`]) for the test's own
+    /// publishers and subscribers.
+    pub fn tls(mut self, listener: TlsListener) -> Self {
+        self.tls = Some(listener);
+        self
+    }
+
     /// Sets the broker binary. By default `mosquitto` is searched in `PATH`,
     /// /usr/sbin and /usr/local/sbin.
     pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
@@ -139,9 +167,11 @@ impl MosquittoBuilder {
                 panic!("failed to create a temporary folder for mosquitto: {err}")
             });
 
+        let plain_port = self.tls.as_ref().map(|_| free_port());
         let mut broker = Mosquitto {
             options: self,
             binary,
+            plain_port,
             port: first_port,
             child: None,
             dir,
@@ -170,6 +200,8 @@ pub struct Mosquitto {
     options: MosquittoBuilder,
     binary: PathBuf,
     port: u16,
+    /// Plain listener beside a TLS one.
+    plain_port: Option<u16>,
     child: Option<Child>,
     dir: TempDir,
 }
@@ -190,6 +222,8 @@ impl Mosquitto {
             verbose_log: false,
             config_lines: Vec::new(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            allow_anonymous: true,
+            tls: None,
         }
     }
 
@@ -202,6 +236,12 @@ impl Mosquitto {
     /// restarts.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Returns the port of the plain listener that a TLS broker has beside
+    /// its TLS one, or [`port`](Self::port) when it has no TLS.
+    pub fn plain_port(&self) -> u16 {
+        self.plain_port.unwrap_or(self.port)
     }
 
     /// Returns the listening address as `127.0.0.1:PORT`.
@@ -326,7 +366,17 @@ impl Mosquitto {
     fn write_config(&self) {
         let mut config = String::new();
         let _ = writeln!(config, "listener {} 127.0.0.1", self.port);
-        let _ = writeln!(config, "allow_anonymous true");
+        if let Some(tls) = &self.options.tls {
+            // Options of the listener above, so they must follow it.
+            let _ = writeln!(config, "cafile {}", tls.ca_file.display());
+            let _ = writeln!(config, "certfile {}", tls.cert_file.display());
+            let _ = writeln!(config, "keyfile {}", tls.key_file.display());
+            let _ = writeln!(config, "require_certificate {}", tls.require_certificate);
+        }
+        if let Some(port) = self.plain_port {
+            let _ = writeln!(config, "listener {port} 127.0.0.1");
+        }
+        let _ = writeln!(config, "allow_anonymous {}", self.options.allow_anonymous);
         let _ = writeln!(config, "log_dest file {}", self.log_path().display());
         // Mosquitto 2.0.11 reads one type per `log_type` line, and a line
         // with several types turns off logging.

@@ -26,7 +26,7 @@ pub mod plugins;
 pub mod process;
 pub mod wait;
 
-pub use broker::{free_port, Mosquitto, MosquittoBuilder};
+pub use broker::{free_port, Mosquitto, MosquittoBuilder, TlsListener};
 pub use data::DeviceMessage;
 pub use mqtt::{publish_all, QoS, ReceivedMessage, Subscriber};
 pub use wait::{wait_for_lines, wait_until};

@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
+
+use crate::mqtt::{Client, Endpoint, Event};
 use tokio::task::JoinHandle;
 
 /// Time to connect, and to get every confirmation of one batch.
@@ -19,6 +21,8 @@ pub struct Publish {
     pub payload: Vec<u8>,
     pub qos: QoS,
     pub retain: bool,
+    /// Sent as MQTT 5 user properties, as the host's MQTT sink does.
+    pub headers: Vec<(String, String)>,
 }
 
 enum DriverEvent {
@@ -32,42 +36,53 @@ enum DriverEvent {
 /// A connection with clean session and its own client id, so that it never
 /// takes over a session of the running host.
 pub struct Publisher {
-    client: AsyncClient,
+    client: Client,
     events: mpsc::UnboundedReceiver<DriverEvent>,
     driver: JoinHandle<()>,
     address: String,
 }
 
 impl Publisher {
-    /// Connects to `host:port` and waits for the broker's CONNACK.
+    /// Connects to `endpoint` (with its TLS, credentials and protocol) and
+    /// waits for the broker's CONNACK.
     ///
     /// # Errors
     ///
     /// Fails when the connection is refused or not made within 10 s.
     pub async fn connect(
-        host: &str,
-        port: u16,
+        endpoint: &Endpoint,
         client_id: String,
         max_packet_bytes: usize,
     ) -> anyhow::Result<Self> {
-        let address = format!("{host}:{port}");
-        let mut options = MqttOptions::new(client_id, host, port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_max_packet_size(max_packet_bytes, max_packet_bytes);
-        options.set_clean_session(true);
-        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let address = format!("{}:{}", endpoint.host, endpoint.port);
+        let (client, mut eventloop) = crate::mqtt::connect(
+            endpoint,
+            &crate::mqtt::Session {
+                client_id: &client_id,
+                persistent: false,
+                manual_acks: false,
+                max_incoming_bytes: max_packet_bytes,
+                max_outgoing_bytes: max_packet_bytes,
+                capacity: 1024,
+                receive_maximum: None,
+            },
+        );
         let (events_tx, events) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             loop {
                 let event = match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => DriverEvent::Connected,
-                    Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
-                        DriverEvent::Completed
-                    }
+                    Ok(Event::ConnAck { .. }) => DriverEvent::Connected,
+                    Ok(Event::Acknowledged { refused: None, .. }) => DriverEvent::Completed,
+                    Ok(Event::Acknowledged {
+                        refused: Some(reason),
+                        ..
+                    }) => DriverEvent::Failed(format!(
+                        "the broker refused a replayed message with reason {reason}; check its ACL"
+                    )),
                     // QoS 0 messages have packet id 0 and no confirmation.
-                    Ok(Event::Outgoing(Outgoing::Publish(0))) => DriverEvent::Completed,
+                    Ok(Event::PublishWritten { pkid: 0 }) => DriverEvent::Completed,
+                    Ok(Event::DisconnectSent) => break,
                     Ok(_) => continue,
-                    Err(ConnectionError::RequestsDone) => break,
                     Err(e) => {
                         let _ = events_tx.send(DriverEvent::Failed(e.to_string()));
                         break;
@@ -118,7 +133,13 @@ impl Publisher {
         let total = messages.len();
         for message in messages {
             self.client
-                .publish(message.topic, message.qos, message.retain, message.payload)
+                .publish(
+                    &message.topic,
+                    message.qos,
+                    message.retain,
+                    message.payload,
+                    &message.headers,
+                )
                 .await
                 .with_context(|| {
                     format!("the connection to the broker at {} is closed", self.address)

@@ -311,7 +311,11 @@ impl Replayer {
         if !mqtt_users.is_empty() && !options.skip_mqtt_sinks {
             let (host, port) = broker_address(config, options.broker.as_deref(), &mqtt_users)?;
             let client_id = format!("{}-replay-{}", config.mqtt.client_id, std::process::id());
-            let publisher = Publisher::connect(&host, port, client_id, config.mqtt.max_packet_bytes)
+            // The TLS, credential and protocol settings of [mqtt] apply to
+            // --broker too: it names another address of the same broker.
+            let endpoint = crate::mqtt::Endpoint::new(&config.mqtt, host, port)
+                .map_err(|e| anyhow::anyhow!("mqtt.tls.{}: {e}; {}", e.key(), e.fix()))?;
+            let publisher = Publisher::connect(&endpoint, client_id, config.mqtt.max_packet_bytes)
                 .await
                 .with_context(|| {
                     format!(
@@ -493,6 +497,7 @@ impl Replayer {
                         payload: message.payload.clone(),
                         qos: target.qos,
                         retain: target.retain,
+                        headers: message.headers.clone(),
                     });
                 }
             }
@@ -526,7 +531,9 @@ fn broker_address(
         });
     }
     if config.mqtt.broker != "embedded" {
-        return crate::broker::parse_address(&config.mqtt.broker)
+        return config
+            .mqtt
+            .address()
             .with_context(|| format!("mqtt.broker \"{}\" is not HOST:PORT", config.mqtt.broker));
     }
     let listen: std::net::SocketAddr = config
