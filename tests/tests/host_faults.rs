@@ -368,7 +368,7 @@ qos = 1
     assert_eq!(present, 4_000, "0 lost");
     assert_eq!(unknown, 0);
     assert_eq!(received.len(), present + duplicates);
-    assert!(dead_letters::read_all(&dir.path().join("out/dead-letters.sqlite")).is_empty());
+    assert!(dead_letters::read_all(dir.path().join("out/dead-letters.sqlite")).is_empty());
 }
 
 #[test]

@@ -235,7 +235,7 @@ fn rust_python_js_and_c_in_one_chain() {
         assert!((CO2_RANGE.0..=CO2_RANGE.1).contains(&co2), "{record}");
     }
     assert!(!log.contains("message dead-lettered"), "log:\n{log}");
-    assert!(!dir.path().join("out/dead-letters.sqlite").exists() || eliot_tests::dead_letters::read_all(&dir.path().join("out/dead-letters.sqlite")).is_empty());
+    assert!(!dir.path().join("out/dead-letters.sqlite").exists() || eliot_tests::dead_letters::read_all(dir.path().join("out/dead-letters.sqlite")).is_empty());
 }
 
 /// Runs `eliot check` on `config` and returns its exit success and output.

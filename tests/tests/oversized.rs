@@ -43,7 +43,7 @@ async fn oversized_payload_is_dead_lettered() {
 
     assert_eq!((stats.received, stats.delivered, stats.dead_lettered), (101, 100, 1));
     assert_eq!(read_complete_lines(dir.path().join("out/processed.jsonl")).len(), 100);
-    let letters = dead_letters::read_all(&dir.path().join("out/dead-letters.sqlite"));
+    let letters = dead_letters::read_all(dir.path().join("out/dead-letters.sqlite"));
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["kind"], "too-large");
     assert_eq!(letters[0]["stage"], "source");

@@ -3,6 +3,12 @@
 //! exact counts (published = delivered + dropped + dead-lettered), the dead
 //! letters' kinds and reasons, and the order of what reached the file sink.
 
+// Each test holds a guard of `PROCESS_MEMORY` (below) from start to end,
+// across its awaits, on purpose: the lock orders whole tests, which run on
+// separate threads with their own runtimes, so no task of the same runtime
+// waits for it.
+#![allow(clippy::await_holding_lock)]
+
 use std::collections::BTreeMap;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -326,7 +326,7 @@ fn source_panic_reconnects_losing_nothing() {
         tally.lines,
         tally.unique + tally.duplicates + tally.injected
     );
-    assert!(dead_letters::read_all(&fault.dir.path().join("out/dead-letters.sqlite")).is_empty());
+    assert!(dead_letters::read_all(fault.dir.path().join("out/dead-letters.sqlite")).is_empty());
     drop(fault.broker);
 }
 

@@ -244,7 +244,7 @@ fn reload(eliot: &Path, rate: u32, phase: Duration, swaps: u32) {
     let total = (u64::from(rate) * (1 + 2 * phase.as_secs())) as usize;
     let publisher = runtime.spawn(publish(broker.port(), "eliot-bench-publisher", rate, total, sent.clone()));
     let warm_up = Duration::from_secs(1);
-    let steady_from = (u64::from(rate) * warm_up.as_secs()) as u64;
+    let steady_from = u64::from(rate) * warm_up.as_secs();
     let swap_from = steady_from + u64::from(rate) * phase.as_secs();
     std::thread::sleep(warm_up + phase);
     let interval = phase / (swaps + 1);
