@@ -775,6 +775,13 @@ fn deserialize_all(
             .line_of(&key)
             .map(|line| format!(" (line {line})"))
             .unwrap_or_default();
+        // serde quotes the value it could not take, and a password of the
+        // wrong type is still a password.
+        let message = if SECRET_KEYS.contains(&key.as_str()) {
+            "the value is not a string (not shown, because it is a secret)".to_owned()
+        } else {
+            message
+        };
         let fix = if message.starts_with("unknown field") {
             "remove the key or correct its spelling"
         } else if message.starts_with("missing field") {
@@ -810,16 +817,28 @@ fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
+/// Keys whose values are secrets, as dotted paths.
+const SECRET_KEYS: &[&str] = &["mqtt.password"];
+
 /// Replaces every secret value in the error texts, in case a check ever
 /// quotes one: the secret variables, and `mqtt.password` when a file sets
-/// it.
+/// it, whatever its type.
 fn redact(errors: &mut [ConfigError], layers: &Layers, table: &toml::Table) {
-    let from_files = table
-        .get("mqtt")
-        .and_then(|mqtt| mqtt.get("password"))
-        .and_then(toml::Value::as_str);
-    let secrets = layers.secrets().into_iter().chain(from_files);
+    let from_files =
+        table
+            .get("mqtt")
+            .and_then(|mqtt| mqtt.get("password"))
+            .map(|value| match value {
+                toml::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            });
+    let secrets = layers
+        .secrets()
+        .into_iter()
+        .map(str::to_owned)
+        .chain(from_files);
     for secret in secrets.filter(|secret| !secret.is_empty()) {
+        let secret = secret.as_str();
         for error in errors.iter_mut() {
             error.problem = error.problem.replace(secret, "<redacted>");
             error.fix = error.fix.replace(secret, "<redacted>");
@@ -1617,7 +1636,7 @@ path = "out/processed.jsonl"
         let (_file, errors) = errors("[mqtt\nbroker = 1");
         assert_eq!(errors.len(), 1);
         assert!(
-            errors[0].contains("key `(syntax)`: invalid TOML: TOML parse error at line 1"),
+            errors[0].contains("key `(syntax)`: invalid TOML at line 1, column 6: "),
             "{}",
             errors[0]
         );
@@ -1996,6 +2015,29 @@ path = "out/processed.jsonl"
         }
         let (_dir, checked) = check_with("", &layers(None, &[("MQTT_BROKER_HOST", "[fe80::1]")]));
         assert_eq!(checked.config.unwrap().mqtt.broker, "[fe80::1]:1883");
+    }
+
+    #[test]
+    fn password_in_a_file_never_appears_in_errors() {
+        for (line, secret) in [
+            ("password = 98765432123", "98765432123"),
+            ("password = \"S3cr3tPw!xyz", "S3cr3tPw"),
+            ("password = S3cr3tPw", "S3cr3tPw"),
+            ("password = [\"S3cr3tPw\"]", "S3cr3tPw"),
+        ] {
+            let text = VALID.replace(
+                "client_id = \"eliot-test\"",
+                &format!("client_id = \"eliot-test\"\nusername = \"eliot\"\n{line}"),
+            );
+            let (_file, errors) = errors(&text);
+            let text = errors.join("\n");
+            assert!(!errors.is_empty(), "{line}");
+            assert!(!text.contains(secret), "{line}: {text}");
+            assert!(
+                text.contains("line 6"),
+                "{line}: the position is still named: {text}"
+            );
+        }
     }
 
     #[test]

@@ -531,17 +531,27 @@ fn toml_files(folder: &Path, base: &Path) -> Vec<String> {
 }
 
 fn parse_table(path: &Path, text: &str) -> Result<Table, ConfigError> {
-    text.parse::<Table>().map_err(|e| ConfigError {
-        origin: Origin::File(path.to_owned()),
-        key: "(syntax)".to_owned(),
-        problem: format!(
-            "invalid TOML: {}",
-            e.to_string()
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-        fix: "correct the syntax at the position shown".to_owned(),
+    text.parse::<Table>().map_err(|e| {
+        // Only the position and toml's own message: its `Display` quotes
+        // the offending line, which may hold a password.
+        let position = e
+            .span()
+            .map(|span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" at line {line}, column {column}")
+            })
+            .unwrap_or_default();
+        ConfigError {
+            origin: Origin::File(path.to_owned()),
+            key: "(syntax)".to_owned(),
+            problem: format!(
+                "invalid TOML{position}: {}",
+                e.message().split_whitespace().collect::<Vec<_>>().join(" ")
+            ),
+            fix: "correct the syntax at that position".to_owned(),
+        }
     })
 }
 
