@@ -245,6 +245,10 @@ pub struct TlsConfig {
 const MIN_PACKET_BYTES: usize = 1024;
 /// Largest payload MQTT can carry.
 pub const MQTT_MAX_PAYLOAD: usize = 268_435_455;
+
+/// Largest MQTT string in bytes (client id, topic, topic filter): its
+/// length is a two-byte prefix.
+pub const MQTT_MAX_STRING_BYTES: usize = 65_535;
 /// Maximum workers per pipeline. Far more workers than cores only costs
 /// memory.
 const MAX_WORKERS: usize = 1024;
@@ -1052,6 +1056,15 @@ impl Validator<'_> {
                 "the client id is empty",
                 "set a client id unique on the broker",
             );
+        } else if raw.mqtt.client_id.len() > MQTT_MAX_STRING_BYTES {
+            self.error(
+                "mqtt.client_id",
+                format!(
+                    "the client id is {} bytes, more than MQTT's limit of {MQTT_MAX_STRING_BYTES}",
+                    raw.mqtt.client_id.len()
+                ),
+                "use a short id, unique on the broker; MQTT 3.1.1 brokers need only accept 23 characters",
+            );
         }
         if raw.mqtt.keep_alive_secs > u64::from(u16::MAX) {
             self.error(
@@ -1225,6 +1238,18 @@ impl Validator<'_> {
                 );
             }
             for filter in &pipeline.topics {
+                // The router matches topics against the filter as written,
+                // and no topic matches "$share/...": every message would be
+                // acknowledged and dropped as unrouted.
+                if let Some(rest) = filter.strip_prefix("$share/") {
+                    let (group, plain) = rest.split_once('/').unwrap_or((rest, ""));
+                    self.error(
+                        format!("pipelines.{name}.topics"),
+                        format!("\"{filter}\" is a shared subscription, which the host builds itself"),
+                        format!("write the plain filter \"{plain}\" in topics and set share_group = \"{group}\""),
+                    );
+                    continue;
+                }
                 match topic::TopicFilter::parse(filter) {
                     Ok(parsed) => topics.push(parsed),
                     Err(problem) => self.error(
@@ -1549,6 +1574,38 @@ path = "out/processed.jsonl"
                 file.display()
             )]
         );
+    }
+
+    #[test]
+    fn shared_subscription_in_topics_points_to_share_group() {
+        let text = VALID.replace("devices/+/telemetry", "$share/grp/devices/+/telemetry");
+        let (file, errors) = errors(&text);
+        assert_eq!(
+            errors,
+            vec![format!(
+                "{}: key `pipelines.telemetry.topics`: \"$share/grp/devices/+/telemetry\" is a shared \
+                 subscription, which the host builds itself; write the plain filter \"devices/+/telemetry\" \
+                 in topics and set share_group = \"grp\"",
+                file.display()
+            )]
+        );
+    }
+
+    #[test]
+    fn over_long_client_id_and_filter_are_rejected() {
+        let long = "x".repeat(MQTT_MAX_STRING_BYTES + 1);
+        let text = VALID
+            .replace(
+                "client_id = \"eliot-test\"",
+                &format!("client_id = \"{long}\""),
+            )
+            .replace("devices/+/telemetry", &long);
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0].contains(
+            "key `mqtt.client_id`: the client id is 65536 bytes, more than MQTT's limit of 65535"
+        ));
+        assert!(errors[1].contains("a topic filter is at most 65535 bytes, this one is 65536"));
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Events {
     pub device_status: Family<Labels, Counter>,
     /// Log lines left out by the rate limiter.
     pub suppressed: Counter,
+    /// Messages the broker delivered that no pipeline's filter matches.
+    pub unrouted: Counter,
     limiter: Mutex<RateLimiter>,
 }
 
@@ -71,6 +73,7 @@ impl Default for Events {
             stage_duration: Family::new_with_constructor(latency_histogram),
             device_status: Family::default(),
             suppressed: Counter::default(),
+            unrouted: Counter::default(),
             limiter: Mutex::new(RateLimiter::new(LOG_WINDOW, LOG_BURST)),
         }
     }
@@ -152,6 +155,22 @@ impl Events {
     pub fn message_received(&self, device: &str, topic: &str) {
         if self.fleet.message(device, crate::clock::now_ms()) {
             tracing::debug!(device, topic, "device seen for the first time");
+        }
+    }
+
+    /// Records a message that no pipeline's filter matches. The broker
+    /// delivers such messages for a subscription that an older
+    /// configuration made in a persistent session, or for a filter that
+    /// the host matches differently than the broker. The message is
+    /// acknowledged, so it is counted and logged, not lost in silence.
+    pub fn message_unrouted(&self, topic: &str) {
+        self.unrouted.inc();
+        if self.admit("unrouted") {
+            tracing::warn!(
+                topic,
+                "no pipeline's filter matches this message; acknowledged and ignored (a subscription kept \
+                 from an older configuration ends when the session does, or with a new client_id)"
+            );
         }
     }
 

@@ -414,7 +414,7 @@ fn route(
     if matching.is_empty() {
         // Can happen with overlapping subscriptions kept from an older
         // configuration in a persistent session.
-        tracing::debug!(topic, "no pipeline matches; acknowledged and ignored");
+        events.message_unrouted(&topic);
         ack.finish();
         return;
     }

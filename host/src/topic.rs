@@ -20,6 +20,13 @@ impl TopicFilter {
         if filter.is_empty() {
             return Err("a topic filter must not be empty".to_owned());
         }
+        if filter.len() > crate::config::MQTT_MAX_STRING_BYTES {
+            return Err(format!(
+                "a topic filter is at most {} bytes, this one is {}",
+                crate::config::MQTT_MAX_STRING_BYTES,
+                filter.len()
+            ));
+        }
         if filter.contains('\0') {
             return Err("a topic filter must not contain the NUL character".to_owned());
         }

@@ -381,3 +381,69 @@ async fn topic_device_key_sets_header_or_falls_back() {
         ]
     );
 }
+
+/// A persistent session keeps a subscription that the configuration no
+/// longer has. The broker goes on delivering its messages, which no
+/// pipeline matches: the host counts each and acknowledges it, so that the
+/// broker does not hold them for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_kept_from_older_config_is_counted_as_unrouted() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |filter: &str| {
+        let text = format!(
+            r##"
+[mqtt]
+broker = "{broker}"
+client_id = "eliot-unrouted"
+keep_alive_secs = 5
+
+[runtime]
+cache_dir = "cache"
+
+[dead_letters]
+path = "out/dead-letters.sqlite"
+
+[pipelines.current]
+topics = ["{filter}"]
+qos = 1
+stages = []
+sinks = ["current"]
+
+[sinks.current]
+type = "file"
+path = "out/current.jsonl"
+"##,
+            broker = broker.address()
+        );
+        let path = dir.path().join("eliot.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    };
+
+    // The first configuration subscribes to old/#, in the kept session.
+    let mut host = Host::start(config("old/#")).await.unwrap();
+    assert!(host.wait_connected(Duration::from_secs(10)).await);
+    host.shutdown(Duration::from_secs(10)).await;
+
+    let mut host = Host::start(config("new/#")).await.unwrap();
+    assert!(host.wait_connected(Duration::from_secs(10)).await);
+    let messages = [("old/a", "1"), ("new/a", "2"), ("old/b", "3"), ("old/c", "4"), ("new/b", "5")];
+    let port = broker.port();
+    tokio::task::spawn_blocking(move || publish_all(port, &messages, QoS::AtLeastOnce)).await.unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered = host.snapshot()["current"].delivered;
+        let unrouted = host.events.unrouted.get();
+        if (delivered, unrouted) == (2, 3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "delivered {delivered}, unrouted {unrouted}; expected 2 and 3");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = host.snapshot()["current"];
+    host.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((stats.received, stats.delivered, stats.dead_lettered), (2, 2, 0));
+    assert_eq!(read_complete_lines(dir.path().join("out/current.jsonl")).len(), 2);
+}

@@ -61,6 +61,11 @@ pub fn registry(state: Arc<AdminState>) -> Registry {
         "Log lines left out by the rate limiter",
         events.suppressed.clone(),
     );
+    registry.register(
+        "eliot_messages_unrouted",
+        "Messages the broker delivered that no pipeline's filter matches; acknowledged and ignored",
+        events.unrouted.clone(),
+    );
     registry.register_collector(Box::new(HostCollector { state }));
     registry
 }
