@@ -728,7 +728,7 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
     }));
     redact(&mut errors, layers, &layered.table);
     let plugins = config.plugins.clone();
-    let cache_dir = Some(config.cache_dir.clone());
+    let cache_dir = (!config.cache_dir.as_os_str().is_empty()).then(|| config.cache_dir.clone());
     Checked {
         config: errors.is_empty().then_some(config),
         plugins,
@@ -848,6 +848,40 @@ fn redact(errors: &mut [ConfigError], layers: &Layers, table: &toml::Table) {
             error.fix = error.fix.replace(secret, "<redacted>");
         }
     }
+}
+
+/// `path` without `.` and with each `..` applied to the level before it,
+/// so that two spellings of one file compare equal. Symbolic links are not
+/// followed: the file may not exist yet.
+fn normalize(path: &Path) -> PathBuf {
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if !normal.pop() {
+                    normal.push(component);
+                }
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
+}
+
+/// The compiled-component cache when `runtime.cache_dir` is not set: the
+/// user's cache folder as the XDG base directory specification defines it,
+/// so that a configuration copied anywhere (say /etc/eliot) does not write
+/// next to itself.
+fn default_cache_dir() -> Option<PathBuf> {
+    let absolute = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|path| path.is_absolute())
+    };
+    absolute("XDG_CACHE_HOME")
+        .or_else(|| absolute("HOME").map(|home| home.join(".cache")))
+        .map(|cache| cache.join("eliot"))
 }
 
 /// Collects every problem of the merged layers instead of stopping at the
@@ -1118,13 +1152,23 @@ impl Validator<'_> {
                 .as_deref()
                 .unwrap_or(Path::new("plugins")),
         );
-        let cache_dir = self.resolve(
-            raw.runtime
-                .cache_dir
-                .as_deref()
-                .unwrap_or(Path::new("../target/eliot-cache")),
+        let cache_dir = match raw.runtime.cache_dir.as_deref() {
+            Some(dir) => self.resolve(dir),
+            None => default_cache_dir().unwrap_or_else(|| {
+                self.error(
+                    "runtime.cache_dir",
+                    "the key is not set, and neither XDG_CACHE_HOME nor HOME names a folder for the default",
+                    "set runtime.cache_dir to a writable folder, for example \"/var/cache/eliot\"",
+                );
+                PathBuf::new()
+            }),
+        };
+        let dead_letter_path = normalize(&self.resolve(&raw.dead_letters.path));
+        self.output_file(
+            "dead_letters.path",
+            &raw.dead_letters.path,
+            &dead_letter_path,
         );
-        let dead_letter_path = self.resolve(&raw.dead_letters.path);
 
         let mut plugins = BTreeMap::new();
         for (name, plugin) in raw.plugins {
@@ -1185,14 +1229,31 @@ impl Validator<'_> {
         // also reported as undefined by every pipeline that uses it.
         let sink_names: std::collections::BTreeSet<String> = raw.sinks.keys().cloned().collect();
         let mut sinks = BTreeMap::new();
+        // Two writers of one file would interleave their lines.
+        let mut files: BTreeMap<PathBuf, String> =
+            BTreeMap::from([(dead_letter_path.clone(), "dead_letters.path".to_owned())]);
         for (name, sink) in raw.sinks {
             let sink = match sink {
-                RawSinkConfig::File { path, breaker } => SinkConfig {
-                    kind: SinkKind::File {
-                        path: self.resolve(&path),
-                    },
+                RawSinkConfig::File {
+                    path: raw_path,
                     breaker,
-                },
+                } => {
+                    let key = format!("sinks.{name}.path");
+                    let path = normalize(&self.resolve(&raw_path));
+                    self.output_file(&key, &raw_path, &path);
+                    if let Some(other) = files.get(&path) {
+                        self.error(
+                            key.clone(),
+                            format!("{} is already the file of {other}", path.display()),
+                            "give every file sink a file of its own",
+                        );
+                    }
+                    files.insert(path.clone(), key);
+                    SinkConfig {
+                        kind: SinkKind::File { path },
+                        breaker,
+                    }
+                }
                 RawSinkConfig::Mqtt {
                     topic,
                     qos,
@@ -1292,7 +1353,14 @@ impl Validator<'_> {
                     "add at least one sink",
                 );
             }
-            for sink in &pipeline.sinks {
+            for (index, sink) in pipeline.sinks.iter().enumerate() {
+                if pipeline.sinks[..index].contains(sink) {
+                    self.error(
+                        format!("pipelines.{name}.sinks"),
+                        format!("sink \"{sink}\" is listed twice, so every record would be written twice"),
+                        "list each sink once",
+                    );
+                }
                 if !sink_names.contains(sink) {
                     self.error(
                         format!("pipelines.{name}.sinks"),
@@ -1337,6 +1405,41 @@ impl Validator<'_> {
             devices,
         };
         (config, self.errors)
+    }
+
+    /// Checks that the host can create or append to the file at `path`
+    /// (`raw` as written, for the message): not empty, not a folder, and
+    /// below a folder, existing or not yet created. Writability is left to
+    /// the start, which names the key too.
+    fn output_file(&mut self, key: &str, raw: &Path, path: &Path) {
+        if raw.as_os_str().is_empty() {
+            self.error(
+                key,
+                "the path is empty",
+                "name a file, for example \"out/processed.jsonl\"",
+            );
+            return;
+        }
+        if path.is_dir() {
+            self.error(
+                key,
+                format!("{} is a folder", path.display()),
+                "name a file inside it, for example \"out/processed.jsonl\"",
+            );
+            return;
+        }
+        let existing = path.ancestors().skip(1).find(|folder| folder.exists());
+        if let Some(blocker) = existing.filter(|folder| !folder.is_dir()) {
+            self.error(
+                key,
+                format!(
+                    "{} cannot be created: {} is not a folder",
+                    path.display(),
+                    blocker.display()
+                ),
+                "name a file below a folder the host may create or write",
+            );
+        }
     }
 
     fn admin(&mut self, raw: RawAdminConfig) -> Option<AdminConfig> {
@@ -1606,6 +1709,40 @@ path = "out/processed.jsonl"
             "key `mqtt.client_id`: the client id is 65536 bytes, more than MQTT's limit of 65535"
         ));
         assert!(errors[1].contains("a topic filter is at most 65535 bytes, this one is 65536"));
+    }
+
+    #[test]
+    fn unusable_and_shared_output_files_are_rejected() {
+        let text = VALID
+            .replace("path = \"out/dead.jsonl\"", "path = \"\"")
+            .replace("sinks = [\"file\"]", "sinks = [\"file\", \"file\", \"again\", \"folder\", \"below-a-file\"]")
+            + "\n[sinks.again]\ntype = \"file\"\npath = \"out/../out/processed.jsonl\"\n\n[sinks.folder]\ntype = \"file\"\npath = \"plugins\"\n\n[sinks.below-a-file]\ntype = \"file\"\npath = \"plugins/enrich.wasm/x.jsonl\"\n";
+        let (file, errors) = errors(&text);
+        let base = file.parent().unwrap();
+        let expected = [
+            "key `dead_letters.path`: the path is empty".to_owned(),
+            format!(
+                "key `sinks.below-a-file.path`: {} cannot be created: {} is not a folder",
+                base.join("plugins/enrich.wasm/x.jsonl").display(),
+                base.join("plugins/enrich.wasm").display()
+            ),
+            format!(
+                "key `sinks.folder.path`: {} is a folder",
+                base.join("plugins").display()
+            ),
+            format!(
+                "key `sinks.file.path`: {} is already the file of sinks.again.path",
+                base.join("out/processed.jsonl").display()
+            ),
+            "key `pipelines.telemetry.sinks`: sink \"file\" is listed twice".to_owned(),
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for part in expected {
+            assert!(
+                errors.iter().any(|e| e.contains(&part)),
+                "{part} in {errors:#?}"
+            );
+        }
     }
 
     #[test]

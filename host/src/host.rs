@@ -114,12 +114,16 @@ impl Host {
             plugins.insert(name.clone(), Arc::new(PluginSlot::new(Arc::new(loaded))));
         }
 
-        let dead_letters = Arc::new(DeadLetterStore::open(&config.dead_letter_path)?);
+        let dead_letters = Arc::new(DeadLetterStore::open(&config.dead_letter_path).with_context(|| {
+            "dead_letters.path: the store cannot be opened; name a file in a folder the host may write"
+        })?);
         let mut sinks: BTreeMap<String, Arc<Sink>> = BTreeMap::new();
         for (name, sink) in &config.sinks {
             let kind = match &sink.kind {
                 SinkKind::File { path } => {
-                    SinkTarget::File(std::sync::Mutex::new(FileSink::open(path)?))
+                    SinkTarget::File(std::sync::Mutex::new(FileSink::open(path).with_context(|| {
+                        format!("sinks.{name}.path: the file cannot be opened for appending; name a file in a folder the host may write")
+                    })?))
                 }
                 SinkKind::Mqtt { topic, qos, retain } => SinkTarget::Mqtt(MqttSink::connect(
                     endpoint.clone(),
