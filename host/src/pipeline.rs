@@ -1018,7 +1018,7 @@ async fn write_batch(
     let mut records = 0;
     for (processed, outputs, confirmations) in written {
         let mut failure = None;
-        for confirmation in confirmations {
+        for (stage, confirmation) in confirmations {
             let result = confirmation.await.unwrap_or_else(|_| {
                 Err(
                     "the republish connection task ended before the broker confirmed the publish"
@@ -1026,7 +1026,7 @@ async fn write_batch(
                 )
             });
             if let Err(reason) = result {
-                failure = Some(reason);
+                failure = Some((stage, reason));
             }
         }
         match failure {
@@ -1034,10 +1034,10 @@ async fn write_batch(
                 delivered += 1;
                 records += outputs as u64;
             }
-            Some(reason) => {
+            Some((stage, reason)) => {
                 letters.push(DeadLetter {
                     pipeline: pipeline.to_owned(),
-                    stage: "sink".to_owned(),
+                    stage,
                     kind: FailureKind::Sink,
                     reason,
                     message: processed.job.message.clone(),
@@ -1063,7 +1063,7 @@ async fn write_outputs(
     sinks: &[Arc<Sink>],
     outputs: &[Message],
     processed_by: &[String],
-) -> Result<Vec<crate::sink::Confirmation>, (String, String)> {
+) -> Result<Vec<(String, crate::sink::Confirmation)>, (String, String)> {
     #[cfg(feature = "fault-injection")]
     if outputs
         .iter()
@@ -1108,10 +1108,11 @@ async fn write_outputs(
             SinkTarget::Mqtt(mqtt) => {
                 for message in outputs {
                     let topic = topics.next().expect("one topic was rendered per output");
-                    confirmations.push(
+                    confirmations.push((
+                        format!("sink:{}", sink.name),
                         mqtt.publish(topic, message.payload.clone(), message.headers.clone())
                             .await,
-                    );
+                    ));
                 }
             }
         }

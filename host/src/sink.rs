@@ -146,6 +146,18 @@ impl TopicTemplate {
     }
 }
 
+/// Tells whether MQTT says `c` must not (U+0000) or should not (control
+/// characters, non-characters) appear in a UTF-8 string of a packet. A
+/// broker may close the connection of a client that sends one, and
+/// Mosquitto does, so a publish with one would fail on every retry.
+fn refused_by_brokers(c: char) -> bool {
+    let code = u32::from(c);
+    code <= 0x1f
+        || (0x7f..=0x9f).contains(&code)
+        || (0xfdd0..=0xfdef).contains(&code)
+        || code & 0xfffe == 0xfffe
+}
+
 /// One output message with what produced it, as the sinks receive it.
 pub struct Record<'a> {
     pub pipeline: &'a str,
@@ -493,6 +505,22 @@ impl MqttSink {
                 "republish topic of {} bytes exceeds MQTT's 65535 bytes",
                 topic.len()
             ));
+        }
+        let texts =
+            std::iter::once(("topic", topic)).chain(headers.iter().flat_map(|(name, value)| {
+                [
+                    ("header name", name.as_str()),
+                    ("header value", value.as_str()),
+                ]
+            }));
+        for (what, text) in texts {
+            if let Some(refused) = text.chars().find(|c| refused_by_brokers(*c)) {
+                return Err(format!(
+                    "republish {what} {text:?} contains the character {refused:?}, which MQTT brokers refuse \
+                     (Mosquitto closes the connection); check the sink's topic template and the fields and \
+                     headers it takes"
+                ));
+            }
         }
         // Fixed header (at most 5 bytes), topic length prefix, packet id,
         // and on MQTT 5 the property length (at most 4 bytes) and one

@@ -372,6 +372,7 @@ async fn acl_limits_reads_and_republishes() {
     assert_eq!(stats.dead_lettered, 10);
     assert_eq!(stats.delivered, 0);
     for letter in &letters {
+        assert_eq!(letter["stage"], "sink:republish", "{letter}");
         let reason = letter["reason"].as_str().unwrap();
         assert!(
             reason.contains("the broker refused the republish to \"forbidden/telemetry\" with reason NotAuthorized; allow this client to publish there in the broker's ACL"),
@@ -400,6 +401,47 @@ async fn acl_limits_reads_and_republishes() {
         assert_eq!(content_type.as_deref(), Some("application/json"));
     }
     assert_eq!(eliot_tests::dead_letters::read_all(&dead_letters_path).len(), 0);
+}
+
+/// A republish topic with a character that brokers refuse (Mosquitto
+/// closes the connection) is dead-lettered before any sink writes the
+/// message: the file sink holds only what was delivered, and the republish
+/// connection is not closed by the broker over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_topic_with_control_character_is_dead_lettered_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let tail = "\n[sinks.republish]\ntype = \"mqtt\"\ntopic = \"processed/{payload.device}\"\n";
+    let config = load(&write_config(dir.path(), &broker.address(), "eliot-refused", "", "\"file\", \"republish\"", tail));
+    let host = start_connected(config).await;
+    let messages: Vec<(String, Vec<u8>)> = [r#"{"n":0,"device":"ok"}"#, r#"{"n":1,"device":"bad\nline"}"#, r#"{"n":2,"device":"bell\u0007"}"#, r#"{"n":3,"device":"ok"}"#]
+        .iter()
+        .map(|payload| ("devices/d1/telemetry".to_owned(), payload.as_bytes().to_vec()))
+        .collect();
+    publish(broker.port(), messages).await;
+
+    let deadline = std::time::Instant::now() + DELIVERY_TIMEOUT;
+    let stats = loop {
+        let stats = host.snapshot()["telemetry"];
+        if stats.delivered + stats.dead_lettered == 4 {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    host.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((stats.received, stats.delivered, stats.dead_lettered), (4, 2, 2));
+    let letters = eliot_tests::dead_letters::read_all(&dir.path().join("out/dead-letters.sqlite"));
+    assert_eq!(letters.len(), 2);
+    for (letter, refused) in letters.iter().zip(["'\\n'", "'\\u{7}'"]) {
+        assert_eq!(letter["stage"], "sink:republish", "{letter}");
+        assert_eq!(letter["kind"], "sink", "{letter}");
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(reason.contains(&format!("contains the character {refused}, which MQTT brokers refuse")), "{reason}");
+    }
+    let records: Vec<serde_json::Value> =
+        read_complete_lines(dir.path().join("out/processed.jsonl")).iter().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(numbers(&records).into_keys().collect::<Vec<_>>(), vec![0, 3], "only the delivered messages are in the file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
