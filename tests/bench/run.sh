@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark of tests/bench/BENCHMARKS.md: it builds the release
-# host and the benchmark driver, installs Node-RED for the comparison, and
+# host and the benchmark driver (the test suite's build), installs Node-RED for the comparison, and
 # measures against Mosquitto instances that the driver starts on loopback.
 #
 #   tests/bench/run.sh           the full run; its output is BENCHMARKS.md's
@@ -37,12 +37,18 @@ if [ ! -x "$node_red" ] || ! "$node_red" --help 2>/dev/null | grep -q "v$node_re
     npm install --prefix "$node_red_dir" --no-audit --no-fund --loglevel=error "node-red@$node_red_version"
 fi
 
-cargo build --release -p eliot --bin eliot -p eliot-tests --bin eliot-bench
+# The same build as the test suite's (tests/run.sh), so that after the tests
+# this compiles nothing: the driver and the host binary it measures,
+# eliot-under-test, which is the eliot command line built with the test
+# crate's features. A build of -p eliot alone would resolve the
+# dependencies' features differently and compile the host a second time.
+cargo test --release --workspace --no-run
 bench=target/release/eliot-bench
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) of memory"
 
 if $smoke; then
+    echo "smoke run: each benchmark runs briefly to show that it works; its numbers and target comparisons are no measurement"
     "$bench" throughput --messages 2000
     "$bench" latency --burst 2000 --seconds 1
     "$bench" reload --rate 200 --seconds 1 --swaps 1

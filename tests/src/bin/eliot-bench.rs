@@ -30,8 +30,8 @@ struct Cli {
 enum Command {
     /// Latency of a steady stream, without and during plugin swaps.
     Reload {
-        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
-        #[arg(long, default_value = "target/release/eliot")]
+        /// The eliot command line to measure; `cargo test --release --workspace --no-run` builds it.
+        #[arg(long, default_value = "target/release/eliot-under-test")]
         eliot: PathBuf,
         /// Messages per second.
         #[arg(long, default_value_t = 2_000)]
@@ -47,8 +47,8 @@ enum Command {
     /// rate through the three example Rust stages into the file sink, at
     /// QoS 0 and QoS 1.
     Throughput {
-        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
-        #[arg(long, default_value = "target/release/eliot")]
+        /// The eliot command line to measure; `cargo test --release --workspace --no-run` builds it.
+        #[arg(long, default_value = "target/release/eliot-under-test")]
         eliot: PathBuf,
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
@@ -62,8 +62,8 @@ enum Command {
     /// QoS 1, at half the rate Eliot sustains, beside a bare subscriber's
     /// latency at the same rate.
     Latency {
-        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
-        #[arg(long, default_value = "target/release/eliot")]
+        /// The eliot command line to measure; `cargo test --release --workspace --no-run` builds it.
+        #[arg(long, default_value = "target/release/eliot-under-test")]
         eliot: PathBuf,
         /// Messages of the burst that finds the sustained rate.
         #[arg(long, default_value_t = 50_000)]
@@ -85,8 +85,8 @@ enum Command {
     /// ready and after a stream of readings, and the time to ready with a
     /// warm compile cache.
     Memory {
-        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
-        #[arg(long, default_value = "target/release/eliot")]
+        /// The eliot command line to measure; `cargo test --release --workspace --no-run` builds it.
+        #[arg(long, default_value = "target/release/eliot-under-test")]
         eliot: PathBuf,
         /// Readings sent through the chain before the second reading.
         #[arg(long, default_value_t = 50_000)]
@@ -95,8 +95,8 @@ enum Command {
     /// Time from start to ready with a chain of Rust, Python, JavaScript and
     /// C plugins, with an empty and with a warm compiled-component cache.
     Startup {
-        /// The eliot binary to measure, built with `cargo build --release -p eliot`.
-        #[arg(long, default_value = "target/release/eliot")]
+        /// The eliot command line to measure; `cargo test --release --workspace --no-run` builds it.
+        #[arg(long, default_value = "target/release/eliot-under-test")]
         eliot: PathBuf,
         /// Warm starts to measure after the cold one.
         #[arg(long, default_value_t = 3)]
@@ -146,7 +146,7 @@ fn run(command: Command) {
 }
 
 fn startup(eliot: &Path, runs: u32) {
-    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    assert!(eliot.exists(), "{} not found; build it with `cargo test --release --workspace --no-run`", eliot.display());
     let broker = bench_broker(20);
     let plugin_dir = eliot_tests::plugins::build_language_examples();
     let dir = tempfile::tempdir().expect("a temporary folder");
@@ -215,7 +215,7 @@ path = "out/processed.jsonl"
 const BASE_MS: i64 = 1_749_133_800_000; // 2025-06-05T14:30:00Z
 
 fn reload(eliot: &Path, rate: u32, phase: Duration, swaps: u32) {
-    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    assert!(eliot.exists(), "{} not found; build it with `cargo test --release --workspace --no-run`", eliot.display());
     let broker = bench_broker(20);
     let examples = build_examples();
     let versions = [build_versioned("1.0.0", false), build_versioned("2.0.0", false)];
@@ -668,7 +668,7 @@ fn node_red_rate(node_red: &Path, runtime: &tokio::runtime::Runtime, port: u16, 
 }
 
 fn throughput(eliot: &Path, total: usize, node_red: &Path) {
-    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    assert!(eliot.exists(), "{} not found; build it with `cargo test --release --workspace --no-run`", eliot.display());
     let broker = bench_broker(20);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     println!("| measurement | QoS | messages arrived | messages/s |");
@@ -781,7 +781,7 @@ fn latency_row(name: &str, total: usize, mut values: Vec<Duration>) {
 const PROBE_SEQ: u64 = 1_000_000_000;
 
 fn latency(eliot: &Path, burst: usize, seconds: Duration, fixed_rate: Option<u32>, max_inflight: u32) {
-    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    assert!(eliot.exists(), "{} not found; build it with `cargo test --release --workspace --no-run`", eliot.display());
     let broker = bench_broker(max_inflight);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
 
@@ -853,7 +853,7 @@ fn memory_of(pid: u32) -> (f64, f64) {
 }
 
 fn memory(eliot: &Path, messages: usize) {
-    assert!(eliot.exists(), "{} not found; build it with `cargo build --release -p eliot`", eliot.display());
+    assert!(eliot.exists(), "{} not found; build it with `cargo test --release --workspace --no-run`", eliot.display());
     let broker = bench_broker(20);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     // Five plugins: the three examples and two test plugins that forward
