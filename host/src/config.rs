@@ -1184,11 +1184,23 @@ impl Validator<'_> {
                     "name the .wasm file inside it",
                 );
             } else if !path.is_file() {
+                // The folder may come from another layer than the file
+                // name (prod.toml sets /var/lib/eliot/plugins), so the
+                // message names where it was set.
+                let fix = if plugin.file.is_absolute() {
+                    "build the plugin (eliot plugin build) or correct the file name".to_owned()
+                } else {
+                    format!(
+                        "build the plugin (eliot plugin build) or correct the file name; relative names are \
+                         looked up in runtime.plugin_dir, {}, which {} sets",
+                        plugin_dir.display(),
+                        self.origins.of("runtime.plugin_dir")
+                    )
+                };
                 self.error(
                     format!("plugins.{name}.file"),
                     format!("plugin file {} not found", path.display()),
-                    "build the plugin (eliot plugin build) or correct the file name; \
-                     relative names are looked up in runtime.plugin_dir",
+                    fix,
                 );
             }
             if plugin.limits.memory_mib == 0 || plugin.limits.call_budget_ms == 0 {
@@ -1657,9 +1669,11 @@ path = "out/processed.jsonl"
             errors,
             vec![format!(
                 "{}: key `plugins.enrich.file`: plugin file {} not found; build the plugin (eliot plugin build) \
-                 or correct the file name; relative names are looked up in runtime.plugin_dir",
+                 or correct the file name; relative names are looked up in runtime.plugin_dir, {}, which {} sets",
                 file.display(),
-                base.join("plugins/enrichh.wasm").display()
+                base.join("plugins/enrichh.wasm").display(),
+                base.join("plugins").display(),
+                file.display()
             )]
         );
     }
@@ -1886,6 +1900,26 @@ path = "out/processed.jsonl"
 
     fn error_texts(checked: &Checked) -> Vec<String> {
         checked.errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn missing_plugin_names_the_layer_of_the_plugin_folder() {
+        let (dir, checked) = check_with(
+            "[runtime]\nplugin_dir = \"/nonexistent/plugins\"\n",
+            &layers(Some("dev"), &[]),
+        );
+        let errors = error_texts(&checked);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let overlay = std::path::absolute(dir.path().join("dev.toml")).unwrap();
+        assert!(
+            errors[0].contains(&format!(
+                "plugin file /nonexistent/plugins/enrich.wasm not found; build the plugin (eliot plugin build) or \
+                 correct the file name; relative names are looked up in runtime.plugin_dir, /nonexistent/plugins, \
+                 which {} sets",
+                overlay.display()
+            )),
+            "{errors:#?}"
+        );
     }
 
     #[test]
