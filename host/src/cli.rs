@@ -404,7 +404,8 @@ async fn check(config_path: &Path) -> anyhow::Result<()> {
                     "ok: plugin \"{}\" {} {}",
                     plugin.name, loaded.info.name, loaded.info.version
                 ),
-                Err(e) => problems.push(format!("plugin \"{}\": {e}", plugin.name)),
+                // LoadError's text starts with the plugin's name.
+                Err(e) => problems.push(e.to_string()),
             }
         }
     }

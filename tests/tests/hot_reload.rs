@@ -267,6 +267,7 @@ fn plugin_swapped_five_times() {
     let log = setup.host().log();
     assert!(log.contains(&target.display().to_string()), "the log names the file:\n{log}");
     assert!(log.contains("is not a valid Wasm component"), "the log names the reason:\n{log}");
+    assert!(log.contains("bad magic number; build it for wasm32-wasip2"), "the reason is whole, without a byte dump:\n{log}");
 
     // 3: a build whose init rejects the config it is given.
     let rejects = std::fs::read(build_versioned("2.5.0", true)).unwrap();

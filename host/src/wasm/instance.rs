@@ -247,12 +247,18 @@ impl LoadedPlugin {
                 plugin: plugin.clone(),
                 path: config.path.clone(),
                 // The first line names the problem; the rest is a dump of
-                // the bytes found, which helps nobody reading a config error.
-                reason: format!("{e:#}")
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
+                // bytes, which helps nobody reading a config error.
+                reason: {
+                    let text = format!("{e:#}");
+                    let first = text.lines().next().unwrap_or_default();
+                    // wasmparser appends "- expected=[" and a dump of the
+                    // expected bytes, one per line.
+                    first
+                        .split(" - expected=")
+                        .next()
+                        .unwrap_or(first)
+                        .to_owned()
+                },
             })?;
         let contract = |e: wasmtime::Error| LoadError::Contract {
             plugin: plugin.clone(),
