@@ -1026,11 +1026,17 @@ impl Validator<'_> {
             if let Some(path) = path {
                 *path = self.resolve(path);
                 if !path.is_file() {
-                    self.error(
-                        format!("mqtt.tls.{key}"),
-                        format!("file {} not found", path.display()),
-                        "name an existing PEM file; relative paths start at the folder of this file",
-                    );
+                    let key = format!("mqtt.tls.{key}");
+                    // A variable's path was made absolute against the
+                    // current folder, a file's against the file's folder.
+                    let fix = match self.origins.of(&key) {
+                        Origin::Variables(names) => format!(
+                            "name an existing PEM file in {}; a relative path starts at the current folder",
+                            names.join(" and ")
+                        ),
+                        Origin::File(_) => "name an existing PEM file; a relative path starts at the folder of the file that sets it".to_owned(),
+                    };
+                    self.error(key, format!("file {} not found", path.display()), fix);
                 }
             }
         }
@@ -1918,6 +1924,30 @@ path = "out/processed.jsonl"
                  which {} sets",
                 overlay.display()
             )),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn missing_tls_file_fix_follows_its_layer() {
+        let (_dir, checked) = check_with(
+            "",
+            &layers(None, &[("MQTT_CA_FILE", "/nonexistent/ca.pem")]),
+        );
+        let errors = error_texts(&checked);
+        assert_eq!(
+            errors,
+            vec!["environment variable MQTT_CA_FILE: key `mqtt.tls.ca_file`: file /nonexistent/ca.pem not found; \
+                  name an existing PEM file in MQTT_CA_FILE; a relative path starts at the current folder"]
+        );
+        let (_dir, checked) = check_with(
+            "[mqtt.tls]\nca_file = \"missing.pem\"\n",
+            &layers(Some("dev"), &[]),
+        );
+        let errors = error_texts(&checked);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].ends_with("a relative path starts at the folder of the file that sets it"),
             "{errors:#?}"
         );
     }
