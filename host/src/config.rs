@@ -127,15 +127,29 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 struct RawDevicesConfig {
     status_topic: Option<String>,
+    max_tracked: Option<usize>,
 }
 
-/// The device status subscription, which tells whether a device is online.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The device status subscription, which tells whether a device is online,
+/// and the size of the device registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicesConfig {
     /// Filter of the topics on which devices publish `online` and `offline`
     /// (typically retained, with `offline` as their MQTT will). `None`: no
     /// status subscription, and a device's online state stays unknown.
     pub status_topic: Option<TopicFilter>,
+    /// Devices the registry keeps at most; past it, the least recently
+    /// seen tenth is forgotten.
+    pub max_tracked: usize,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            status_topic: None,
+            max_tracked: crate::fleet::DEFAULT_MAX_DEVICES,
+        }
+    }
 }
 
 /// The broker connection.
@@ -1504,7 +1518,21 @@ impl Validator<'_> {
                     None
                 }
             });
-        DevicesConfig { status_topic }
+        let max_tracked = raw.max_tracked.unwrap_or(crate::fleet::DEFAULT_MAX_DEVICES);
+        if max_tracked == 0 {
+            self.error(
+                "devices.max_tracked",
+                "0 devices leaves the registry nothing to keep",
+                format!(
+                    "use at least 1; the default is {}",
+                    crate::fleet::DEFAULT_MAX_DEVICES
+                ),
+            );
+        }
+        DevicesConfig {
+            status_topic,
+            max_tracked: max_tracked.max(1),
+        }
     }
 }
 

@@ -101,11 +101,11 @@ pub struct DroppedMessage<'a> {
 }
 
 impl Events {
-    /// Returns the events of a host that follows device status on
-    /// `status_topic`.
-    pub fn new(status_topic: Option<crate::topic::TopicFilter>) -> Self {
+    /// Returns the events of a host with the device settings `devices`.
+    pub fn new(devices: &crate::config::DevicesConfig) -> Self {
         Self {
-            status_topic,
+            fleet: Fleet::new(devices.max_tracked),
+            status_topic: devices.status_topic.clone(),
             ..Self::default()
         }
     }

@@ -85,25 +85,75 @@ pub enum StatusChange {
     Repeated,
 }
 
-/// Every device seen since the host started. Locked for one update or one
-/// read of the whole map; both are short.
+/// Devices the registry keeps when `devices.max_tracked` is not set: about
+/// 15 MB with ids of 30 bytes.
+pub const DEFAULT_MAX_DEVICES: usize = 100_000;
+
+/// Every device seen since the host started, up to a limit. Locked for one
+/// update or one read of the whole map; both are short.
 ///
-/// NOTE: the registry lives in memory, so it starts empty after a restart,
-/// and it keeps every device id it has seen.
-#[derive(Debug, Default)]
+/// The registry lives in memory, so it starts empty after a restart. It is
+/// bounded because device ids come from topics and payloads, which anyone
+/// allowed to publish chooses: at the limit, the least recently seen tenth
+/// is forgotten at once, so that the sort this takes is paid once per
+/// tenth of the limit of new devices, not per message. A forgotten device
+/// that sends again is new, with its count from then on.
+#[derive(Debug)]
 pub struct Fleet {
     devices: Mutex<BTreeMap<String, Device>>,
+    max: usize,
+    /// Devices forgotten to stay within the limit.
+    pub evicted: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_DEVICES)
+    }
 }
 
 impl Fleet {
+    /// Returns an empty registry that keeps at most `max` devices.
+    pub fn new(max: usize) -> Self {
+        Self {
+            devices: Mutex::default(),
+            max: max.max(1),
+            evicted: prometheus_client::metrics::counter::Counter::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Device>> {
         self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the least recently seen tenth of the devices when `device`
+    /// is new and the registry is full.
+    fn make_room(&self, devices: &mut BTreeMap<String, Device>, device: &str) {
+        if devices.len() < self.max || devices.contains_key(device) {
+            return;
+        }
+        let mut seen: Vec<(u64, String)> = devices
+            .iter()
+            .map(|(id, d)| (d.last_seen_ms, id.clone()))
+            .collect();
+        let forget = (self.max / 10).max(1).min(seen.len());
+        seen.select_nth_unstable(forget - 1);
+        for (_, id) in &seen[..forget] {
+            devices.remove(id);
+        }
+        self.evicted.inc_by(forget as u64);
+        tracing::warn!(
+            forgotten = forget,
+            max_tracked = self.max,
+            "device registry full; forgot the least recently seen devices (raise devices.max_tracked if the fleet is this large)"
+        );
     }
 
     /// Records a message from `device` at `now_ms`. Returns `true` when the
     /// device was not known before.
     pub fn message(&self, device: &str, now_ms: u64) -> bool {
         let mut devices = self.lock();
+        self.make_room(&mut devices, device);
         let (entry, new) = entry(&mut devices, device, now_ms);
         entry.messages += 1;
         new
@@ -112,6 +162,7 @@ impl Fleet {
     /// Records a status message from `device` at `now_ms`.
     pub fn status(&self, device: &str, status: DeviceStatus, now_ms: u64) -> StatusChange {
         let mut devices = self.lock();
+        self.make_room(&mut devices, device);
         let (entry, _) = entry(&mut devices, device, now_ms);
         if entry.status == Some(status) {
             return StatusChange::Repeated;
@@ -180,6 +231,30 @@ mod tests {
         assert_eq!(a.first_seen_ms, 10);
         assert_eq!(a.last_seen_ms, 20);
         assert_eq!(a.status, None);
+    }
+
+    #[test]
+    fn full_registry_forgets_the_least_recently_seen_tenth() {
+        let fleet = Fleet::new(20);
+        for n in 0..20u64 {
+            fleet.message(&format!("d{n:02}"), 100 + n);
+        }
+        // d00 and d01 are the oldest, but d00 speaks again.
+        fleet.message("d00", 200);
+        assert_eq!(fleet.evicted.get(), 0);
+        assert!(fleet.message("new", 300));
+        let devices = fleet.snapshot();
+        assert_eq!(devices.len(), 19);
+        assert_eq!(fleet.evicted.get(), 2);
+        assert!(
+            !devices.contains_key("d01") && !devices.contains_key("d02"),
+            "{:?}",
+            devices.keys()
+        );
+        assert!(devices.contains_key("d00") && devices.contains_key("new"));
+        // A known device never evicts.
+        fleet.message("d05", 301);
+        assert_eq!(fleet.evicted.get(), 2);
     }
 
     #[test]

@@ -142,9 +142,7 @@ impl Host {
 
         // NOTE: a fixed restart intensity; it is not configurable yet.
         let supervisor = Arc::new(Supervisor::new(10, Duration::from_secs(60)));
-        let events = Arc::new(crate::events::Events::new(
-            config.devices.status_topic.clone(),
-        ));
+        let events = Arc::new(crate::events::Events::new(&config.devices));
         let launcher = Arc::new(PipelineLauncher {
             sinks: sinks.clone(),
             dead_letters: dead_letters.clone(),

@@ -62,6 +62,11 @@ pub fn registry(state: Arc<AdminState>) -> Registry {
         events.suppressed.clone(),
     );
     registry.register(
+        "eliot_devices_evicted",
+        "Devices the registry forgot to stay within devices.max_tracked",
+        events.fleet.evicted.clone(),
+    );
+    registry.register(
         "eliot_messages_unrouted",
         "Messages the broker delivered that no pipeline's filter matches; acknowledged and ignored",
         events.unrouted.clone(),
