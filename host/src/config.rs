@@ -1794,6 +1794,26 @@ path = "out/processed.jsonl"
     }
 
     #[test]
+    fn device_registry_limit_is_read_and_checked() {
+        let (_dir, file) = setup();
+        let config =
+            Config::parse(&file, &format!("{VALID}\n[devices]\nmax_tracked = 500\n")).unwrap();
+        assert_eq!(config.devices.max_tracked, 500);
+        assert_eq!(
+            Config::parse(&file, VALID).unwrap().devices.max_tracked,
+            crate::fleet::DEFAULT_MAX_DEVICES
+        );
+        let (_file, errors) = errors(&format!("{VALID}\n[devices]\nmax_tracked = 0\n"));
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains(
+                "key `devices.max_tracked`: 0 devices leaves the registry nothing to keep"
+            ),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
     fn undefined_references_are_all_reported() {
         let text = VALID
             .replace("stages = [\"enrich\"]", "stages = [\"enrich\", \"nope\"]")
