@@ -34,10 +34,26 @@ pub struct Conversion {
 
 /// The conversions `convert` may name, sorted by source and target.
 const SUPPORTED_CONVERSIONS: [Conversion; 4] = [
-    Conversion { source: "altitude_m", target: "altitude_ft", convert: |m| m / 0.3048 },
-    Conversion { source: "flow_lps", target: "flow_m3h", convert: |lps| lps * 3.6 },
-    Conversion { source: "temperature_c", target: "temperature_f", convert: |c| c * 9.0 / 5.0 + 32.0 },
-    Conversion { source: "temperature_c", target: "temperature_k", convert: |c| c + 273.15 },
+    Conversion {
+        source: "altitude_m",
+        target: "altitude_ft",
+        convert: |m| m / 0.3048,
+    },
+    Conversion {
+        source: "flow_lps",
+        target: "flow_m3h",
+        convert: |lps| lps * 3.6,
+    },
+    Conversion {
+        source: "temperature_c",
+        target: "temperature_f",
+        convert: |c| c * 9.0 / 5.0 + 32.0,
+    },
+    Conversion {
+        source: "temperature_c",
+        target: "temperature_k",
+        convert: |c| c + 273.15,
+    },
 ];
 
 /// An inclusive range of allowed values.
@@ -87,8 +103,10 @@ impl Config {
     pub fn from_json(config: Value) -> Result<Self, String> {
         let raw: RawConfig = eliot_sdk::parse_config(config)?;
 
-        let mut ranges: BTreeMap<String, Range> =
-            DEFAULT_RANGES.iter().map(|&(field, min, max)| (field.to_owned(), Range { min, max })).collect();
+        let mut ranges: BTreeMap<String, Range> = DEFAULT_RANGES
+            .iter()
+            .map(|&(field, min, max)| (field.to_owned(), Range { min, max }))
+            .collect();
         for (field, value) in &raw.ranges {
             ranges.insert(field.clone(), parse_range(field, value)?);
         }
@@ -99,19 +117,27 @@ impl Config {
             .map(|(source, target)| find_conversion(source, target))
             .collect::<Result<_, _>>()?;
 
-        Ok(Self { ranges, conversions })
+        Ok(Self {
+            ranges,
+            conversions,
+        })
     }
 }
 
 fn parse_range(field: &str, value: &Value) -> Result<Range, String> {
-    let bounds = value.as_array().map(|items| items.iter().map(Value::as_f64).collect::<Vec<_>>());
+    let bounds = value
+        .as_array()
+        .map(|items| items.iter().map(Value::as_f64).collect::<Vec<_>>());
     let Some([Some(min), Some(max)]) = bounds.as_deref() else {
         return Err(format!(
             "invalid config: ranges.{field} must be [min, max] with two numbers, got {value}"
         ));
     };
 
-    let range = Range { min: *min, max: *max };
+    let range = Range {
+        min: *min,
+        max: *max,
+    };
     if range.min > range.max {
         return Err(format!(
             "invalid config: ranges.{field} has min {} greater than max {}; write it as [min, max]",
@@ -122,13 +148,18 @@ fn parse_range(field: &str, value: &Value) -> Result<Range, String> {
 }
 
 fn find_conversion(source: &str, target: &str) -> Result<&'static Conversion, String> {
-    SUPPORTED_CONVERSIONS.iter().find(|c| c.source == source && c.target == target).ok_or_else(|| {
-        let supported: Vec<String> =
-            SUPPORTED_CONVERSIONS.iter().map(|c| format!("{} = {:?}", c.source, c.target)).collect();
-        format!(
-            "invalid config: convert.{source} = {target:?} is not a supported conversion; \
+    SUPPORTED_CONVERSIONS
+        .iter()
+        .find(|c| c.source == source && c.target == target)
+        .ok_or_else(|| {
+            let supported: Vec<String> = SUPPORTED_CONVERSIONS
+                .iter()
+                .map(|c| format!("{} = {:?}", c.source, c.target))
+                .collect();
+            format!(
+                "invalid config: convert.{source} = {target:?} is not a supported conversion; \
                  supported: {}",
-            supported.join(", ")
-        )
-    })
+                supported.join(", ")
+            )
+        })
 }

@@ -13,9 +13,11 @@ mod config;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use eliot_sdk::{Message, Outcome, PluginError, Processor};
+use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 
 use crate::config::{Config, Conversion, Range};
@@ -35,16 +37,35 @@ impl Processor for SanityFilter {
     const VERSION: &'static str = "0.1.0";
 
     fn new(config: Value) -> Result<Self, String> {
-        let Config { ranges, conversions } = Config::from_json(config)?;
-        Ok(Self { ranges, conversions })
+        let Config {
+            ranges,
+            conversions,
+        } = Config::from_json(config)?;
+        Ok(Self {
+            ranges,
+            conversions,
+        })
     }
 
-    fn process(&mut self, mut msg: Message) -> Result<Outcome, PluginError> {
+    fn process(&mut self, msg: Message) -> Result<Outcome, PluginError> {
+        if self.passes_unchanged(&msg.payload) {
+            return Ok(Outcome::Forward(msg));
+        }
+        self.full(msg)
+    }
+}
+
+impl SanityFilter {
+    /// Checks, drops or converts `msg` on a tree of its whole payload.
+    fn full(&self, mut msg: Message) -> Result<Outcome, PluginError> {
         let mut payload = parse_object(&msg.payload).map_err(PluginError::invalid)?;
         let data = match payload.get_mut("data") {
             Some(Value::Object(data)) => data,
             Some(other) => {
-                let reason = format!("field \"data\" must be a JSON object, got {}", describe(other));
+                let reason = format!(
+                    "field \"data\" must be a JSON object, got {}",
+                    describe(other)
+                );
                 return Err(PluginError::invalid(reason));
             }
             None => return Err(PluginError::invalid("missing field \"data\"")),
@@ -62,14 +83,58 @@ impl Processor for SanityFilter {
         }
 
         if convert_units(&self.conversions, data)? {
-            msg.payload =
-                serde_json::to_vec(&payload).expect("a JSON map with string keys always serializes");
+            msg.payload = serde_json::to_vec(&payload)
+                .expect("a JSON map with string keys always serializes");
         }
         Ok(Outcome::Forward(msg))
     }
 }
 
+/// The part of a reading this plugin looks at: the fields of `data`, keys
+/// borrowed from the payload, every other field skipped without building a
+/// tree of it.
+#[derive(Deserialize)]
+struct Reading<'a> {
+    #[serde(borrow)]
+    data: BTreeMap<Cow<'a, str>, Value>,
+}
+
 impl SanityFilter {
+    /// Tells whether `payload` passes as it is: an object whose `data` has
+    /// every ranged field that is present as a number in its range, and no
+    /// field that a conversion replaces. That is the common case, and it
+    /// needs neither a tree of the whole payload nor writing it again. On
+    /// `false` the caller takes the full path, which finds the reason, or
+    /// converts, or takes what this refuses to judge: a top level not
+    /// written as an object, which serde would read as a sequence too, or
+    /// `data` given twice.
+    fn passes_unchanged(&self, payload: &[u8]) -> bool {
+        // serde_json skips the strings of ignored fields without checking
+        // their UTF-8, which the full parse checks.
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return false;
+        };
+        if !text.trim_start().starts_with('{') {
+            return false;
+        }
+        let Ok(reading) = serde_json::from_str::<Reading<'_>>(text) else {
+            return false;
+        };
+        let converts = self
+            .conversions
+            .iter()
+            .any(|conversion| reading.data.contains_key(conversion.source));
+        let in_range =
+            self.ranges
+                .iter()
+                .all(|(field, range)| match reading.data.get(field.as_str()) {
+                    None => true,
+                    Some(Value::Number(value)) => value.as_f64().is_some_and(|v| range.contains(v)),
+                    Some(_) => false,
+                });
+        !converts && in_range
+    }
+
     /// Returns the drop reason for the first out-of-range field, in field
     /// name order.
     fn out_of_range(&self, data: &Map<String, Value>) -> Option<String> {
@@ -91,7 +156,10 @@ impl SanityFilter {
 ///
 /// Returns an invalid-message error when a source field is not a number or
 /// the result is too large for a JSON number.
-fn convert_units(conversions: &[&Conversion], data: &mut Map<String, Value>) -> Result<bool, PluginError> {
+fn convert_units(
+    conversions: &[&Conversion],
+    data: &mut Map<String, Value>,
+) -> Result<bool, PluginError> {
     let mut changed = false;
     for conversion in conversions {
         let Some(value) = data.get(conversion.source) else {
@@ -99,12 +167,13 @@ fn convert_units(conversions: &[&Conversion], data: &mut Map<String, Value>) -> 
         };
 
         let source = number(conversion.source, value)?;
-        let converted = Number::from_f64(round_to_micro((conversion.convert)(source))).ok_or_else(|| {
-            PluginError::invalid(format!(
-                "converting data.{} {value} to {} gives a number too large for JSON",
-                conversion.source, conversion.target
-            ))
-        })?;
+        let converted =
+            Number::from_f64(round_to_micro((conversion.convert)(source))).ok_or_else(|| {
+                PluginError::invalid(format!(
+                    "converting data.{} {value} to {} gives a number too large for JSON",
+                    conversion.source, conversion.target
+                ))
+            })?;
 
         data.remove(conversion.source);
         data.insert(conversion.target.to_owned(), Value::Number(converted));
@@ -134,7 +203,10 @@ fn round_to_micro(value: f64) -> f64 {
 /// `data.FIELD`.
 fn number(field: &str, value: &Value) -> Result<f64, PluginError> {
     value.as_f64().ok_or_else(|| {
-        PluginError::invalid(format!("field \"data.{field}\" must be a number, got {}", describe(value)))
+        PluginError::invalid(format!(
+            "field \"data.{field}\" must be a number, got {}",
+            describe(value)
+        ))
     })
 }
 
@@ -143,7 +215,10 @@ fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, String> {
         serde_json::from_slice(payload).map_err(|e| format!("payload is not valid JSON: {e}"))?;
     match value {
         Value::Object(fields) => Ok(fields),
-        other => Err(format!("payload must be a JSON object, got {}", describe(&other))),
+        other => Err(format!(
+            "payload must be a JSON object, got {}",
+            describe(&other)
+        )),
     }
 }
 

@@ -43,9 +43,11 @@ impl Config {
 
         if let Some(types) = &raw.allowed_sensor_types {
             if types.is_empty() {
-                return Err("invalid config: allowed_sensor_types is empty, so every message would be \
+                return Err(
+                    "invalid config: allowed_sensor_types is empty, so every message would be \
                             rejected; list at least one type, or remove the key to accept any type"
-                    .to_owned());
+                        .to_owned(),
+                );
             }
             if types.iter().any(String::is_empty) {
                 return Err(format!(
@@ -55,6 +57,9 @@ impl Config {
             }
         }
 
-        Ok(Self { allowed_sensor_types: raw.allowed_sensor_types, max_payload_bytes: raw.max_payload_bytes })
+        Ok(Self {
+            allowed_sensor_types: raw.allowed_sensor_types,
+            max_payload_bytes: raw.max_payload_bytes,
+        })
     }
 }

@@ -12,7 +12,11 @@ mod config;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
+
 use eliot_sdk::{Message, Outcome, PluginError, Processor};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -33,30 +37,110 @@ impl Processor for ValidateFormat {
     const VERSION: &'static str = "0.1.0";
 
     fn new(config: Value) -> Result<Self, String> {
-        Ok(Self { config: Config::from_json(config)? })
+        Ok(Self {
+            config: Config::from_json(config)?,
+        })
     }
 
     fn process(&mut self, msg: Message) -> Result<Outcome, PluginError> {
-        self.check(&msg.payload).map_err(PluginError::invalid)?;
+        if !self.accepts(&msg.payload) {
+            self.check(&msg.payload).map_err(PluginError::invalid)?;
+        }
         Ok(Outcome::Forward(msg))
     }
 }
 
+/// The fields a valid payload must have, borrowed from it where no escape
+/// forces a copy. Deserializing into this skips the other fields without
+/// building a tree of the payload, which is most of the work for a valid
+/// reading.
+#[derive(Deserialize)]
+struct Reading<'a> {
+    #[serde(borrow)]
+    device_id: Cow<'a, str>,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    sensor_type: Cow<'a, str>,
+    data: AnObject,
+}
+
+/// A JSON object, its contents skipped.
+struct AnObject;
+
+impl<'de> Deserialize<'de> for AnObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Skip;
+        impl<'de> serde::de::Visitor<'de> for Skip {
+            type Value = AnObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<AnObject, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(AnObject)
+            }
+        }
+        deserializer.deserialize_map(Skip)
+    }
+}
+
 impl ValidateFormat {
+    /// Tells whether `payload` is valid, the quick way: `true` only for a
+    /// payload that [`Self::check`] accepts too. On `false` the caller runs
+    /// `check`, which words the reason. Anything the quick way is unsure
+    /// of (a top level that is not written as an object, which serde would
+    /// take as a sequence too, or a field given twice, which serde refuses
+    /// and `check` takes the last of) goes to `check` as well.
+    fn accepts(&self, payload: &[u8]) -> bool {
+        if payload.len() as u64 > self.config.max_payload_bytes {
+            return false;
+        }
+        // serde_json skips the strings of ignored fields without checking
+        // their UTF-8, which `check` requires of the whole payload.
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return false;
+        };
+        if !text.trim_start().starts_with('{') {
+            return false;
+        }
+        let Ok(reading) = serde_json::from_str::<Reading<'_>>(text) else {
+            return false;
+        };
+        !reading.device_id.is_empty()
+            && parse_rfc3339(&reading.timestamp).is_some()
+            && !reading.sensor_type.is_empty()
+            && self
+                .config
+                .allowed_sensor_types
+                .as_ref()
+                .is_none_or(|allowed| allowed.iter().any(|t| *t == reading.sensor_type))
+    }
+
     /// Checks `payload` and returns the first problem found. The checks run
     /// in a fixed order (size, JSON, `device_id`, `timestamp`, `sensor_type`,
     /// `data`), so one payload always gets the same reason.
     fn check(&self, payload: &[u8]) -> Result<(), String> {
         let max = self.config.max_payload_bytes;
         if payload.len() as u64 > max {
-            return Err(format!("payload is {} bytes, more than max_payload_bytes ({max})", payload.len()));
+            return Err(format!(
+                "payload is {} bytes, more than max_payload_bytes ({max})",
+                payload.len()
+            ));
         }
 
-        let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not valid UTF-8: {e}"))?;
+        let text =
+            std::str::from_utf8(payload).map_err(|e| format!("payload is not valid UTF-8: {e}"))?;
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("payload is not valid JSON: {e}"))?;
         let Value::Object(fields) = value else {
-            return Err(format!("payload must be a JSON object, got {}", describe(&value)));
+            return Err(format!(
+                "payload must be a JSON object, got {}",
+                describe(&value)
+            ));
         };
 
         non_empty_string(&fields, "device_id")?;
@@ -83,7 +167,10 @@ impl ValidateFormat {
 
         match required(&fields, "data")? {
             Value::Object(_) => Ok(()),
-            other => Err(format!("field \"data\" must be a JSON object, got {}", describe(other))),
+            other => Err(format!(
+                "field \"data\" must be a JSON object, got {}",
+                describe(other)
+            )),
         }
     }
 }
@@ -99,13 +186,18 @@ fn parse_rfc3339(text: &str) -> Option<OffsetDateTime> {
 }
 
 fn required<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a Value, String> {
-    fields.get(name).ok_or_else(|| format!("missing field {name:?}"))
+    fields
+        .get(name)
+        .ok_or_else(|| format!("missing field {name:?}"))
 }
 
 fn string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
     match required(fields, name)? {
         Value::String(s) => Ok(s),
-        other => Err(format!("field {name:?} must be a string, got {}", describe(other))),
+        other => Err(format!(
+            "field {name:?} must be a string, got {}",
+            describe(other)
+        )),
     }
 }
 

@@ -38,15 +38,18 @@ fn without_field(field: &str) -> Value {
 /// Asserts that the default validator forwards `payload` unchanged.
 fn assert_valid(payload: &Value) {
     let msg = json_message(TOPIC, payload);
-    let out = validator_with(json!({})).process(msg.clone()).expect("payload should be valid");
+    let out = validator_with(json!({}))
+        .process(msg.clone())
+        .expect("payload should be valid");
     assert_eq!(forwarded(out), msg, "payload {payload}");
 }
 
 /// Runs `payload` through a validator with `config` and returns the reason
 /// of the invalid-message error.
 fn rejection_with(config: Value, payload: &[u8]) -> String {
-    let error =
-        validator_with(config).process(message(TOPIC, payload)).expect_err("payload should be rejected");
+    let error = validator_with(config)
+        .process(message(TOPIC, payload))
+        .expect_err("payload should be rejected");
     assert_eq!(error.kind, ErrorKind::Invalid);
     error.message
 }
@@ -162,7 +165,10 @@ fn payload_over_max_size_invalid() {
     let limit = payload.len() - 1;
     assert_eq!(
         rejection_with(json!({"max_payload_bytes": limit}), payload.as_bytes()),
-        format!("payload is {} bytes, more than max_payload_bytes ({limit})", payload.len())
+        format!(
+            "payload is {} bytes, more than max_payload_bytes ({limit})",
+            payload.len()
+        )
     );
 }
 
@@ -180,7 +186,10 @@ fn payload_over_default_size_invalid() {
     let payload = payload.to_string();
     assert_eq!(
         rejection_with(json!({}), payload.as_bytes()),
-        format!("payload is {} bytes, more than max_payload_bytes (65536)", payload.len())
+        format!(
+            "payload is {} bytes, more than max_payload_bytes (65536)",
+            payload.len()
+        )
     );
 }
 
@@ -195,11 +204,26 @@ fn payload_not_utf8_invalid() {
 #[test]
 fn payload_not_json_invalid() {
     let cases: [(&[u8], &str); 5] = [
-        (b"hello", "payload is not valid JSON: expected value at line 1 column 1"),
-        (b"nothing", "payload is not valid JSON: expected ident at line 1 column 2"),
-        (b"", "payload is not valid JSON: EOF while parsing a value at line 1 column 0"),
-        (b"{\"device_id\": ", "payload is not valid JSON: EOF while parsing a value at line 1 column 14"),
-        (b"{} {}", "payload is not valid JSON: trailing characters at line 1 column 4"),
+        (
+            b"hello",
+            "payload is not valid JSON: expected value at line 1 column 1",
+        ),
+        (
+            b"nothing",
+            "payload is not valid JSON: expected ident at line 1 column 2",
+        ),
+        (
+            b"",
+            "payload is not valid JSON: EOF while parsing a value at line 1 column 0",
+        ),
+        (
+            b"{\"device_id\": ",
+            "payload is not valid JSON: EOF while parsing a value at line 1 column 14",
+        ),
+        (
+            b"{} {}",
+            "payload is not valid JSON: trailing characters at line 1 column 4",
+        ),
     ];
     for (payload, expected) in cases {
         assert_eq!(rejection_with(json!({}), payload), expected);
@@ -209,10 +233,22 @@ fn payload_not_json_invalid() {
 #[test]
 fn payload_not_object_invalid() {
     let cases = [
-        (json!([1, 2]), "payload must be a JSON object, got an array: [1,2]"),
-        (json!("buoy"), "payload must be a JSON object, got a string: \"buoy\""),
-        (json!(4.929), "payload must be a JSON object, got a number: 4.929"),
-        (json!(true), "payload must be a JSON object, got a boolean: true"),
+        (
+            json!([1, 2]),
+            "payload must be a JSON object, got an array: [1,2]",
+        ),
+        (
+            json!("buoy"),
+            "payload must be a JSON object, got a string: \"buoy\"",
+        ),
+        (
+            json!(4.929),
+            "payload must be a JSON object, got a number: 4.929",
+        ),
+        (
+            json!(true),
+            "payload must be a JSON object, got a boolean: true",
+        ),
         (json!(null), "payload must be a JSON object, got null"),
     ];
     for (payload, expected) in cases {
@@ -224,15 +260,27 @@ fn payload_not_object_invalid() {
 
 #[test]
 fn device_id_missing_invalid() {
-    assert_eq!(rejection(&without_field("device_id")), "missing field \"device_id\"");
+    assert_eq!(
+        rejection(&without_field("device_id")),
+        "missing field \"device_id\""
+    );
 }
 
 #[test]
 fn device_id_wrong_type_invalid() {
     let cases = [
-        (json!(42), "field \"device_id\" must be a string, got a number: 42"),
-        (json!(null), "field \"device_id\" must be a string, got null"),
-        (json!({"id": "b01"}), "field \"device_id\" must be a string, got an object: {\"id\":\"b01\"}"),
+        (
+            json!(42),
+            "field \"device_id\" must be a string, got a number: 42",
+        ),
+        (
+            json!(null),
+            "field \"device_id\" must be a string, got null",
+        ),
+        (
+            json!({"id": "b01"}),
+            "field \"device_id\" must be a string, got an object: {\"id\":\"b01\"}",
+        ),
     ];
     for (value, expected) in cases {
         assert_eq!(rejection(&with_field("device_id", value)), expected);
@@ -241,12 +289,18 @@ fn device_id_wrong_type_invalid() {
 
 #[test]
 fn device_id_empty_invalid() {
-    assert_eq!(rejection(&with_field("device_id", json!(""))), "field \"device_id\" must not be empty");
+    assert_eq!(
+        rejection(&with_field("device_id", json!(""))),
+        "field \"device_id\" must not be empty"
+    );
 }
 
 #[test]
 fn timestamp_missing_invalid() {
-    assert_eq!(rejection(&without_field("timestamp")), "missing field \"timestamp\"");
+    assert_eq!(
+        rejection(&without_field("timestamp")),
+        "missing field \"timestamp\""
+    );
 }
 
 #[test]
@@ -295,7 +349,10 @@ fn timestamp_rfc3339_variants_valid() {
 
 #[test]
 fn sensor_type_missing_invalid() {
-    assert_eq!(rejection(&without_field("sensor_type")), "missing field \"sensor_type\"");
+    assert_eq!(
+        rejection(&without_field("sensor_type")),
+        "missing field \"sensor_type\""
+    );
 }
 
 #[test]
@@ -304,7 +361,10 @@ fn sensor_type_wrong_type_or_empty_invalid() {
         rejection(&with_field("sensor_type", json!(["gps"]))),
         "field \"sensor_type\" must be a string, got an array: [\"gps\"]"
     );
-    assert_eq!(rejection(&with_field("sensor_type", json!(""))), "field \"sensor_type\" must not be empty");
+    assert_eq!(
+        rejection(&with_field("sensor_type", json!(""))),
+        "field \"sensor_type\" must not be empty"
+    );
 }
 
 #[test]
@@ -341,10 +401,22 @@ fn data_missing_invalid() {
 #[test]
 fn data_not_object_invalid() {
     let cases = [
-        (json!(42), "field \"data\" must be a JSON object, got a number: 42"),
-        (json!(null), "field \"data\" must be a JSON object, got null"),
-        (json!("4.929"), "field \"data\" must be a JSON object, got a string: \"4.929\""),
-        (json!([4.929]), "field \"data\" must be a JSON object, got an array: [4.929]"),
+        (
+            json!(42),
+            "field \"data\" must be a JSON object, got a number: 42",
+        ),
+        (
+            json!(null),
+            "field \"data\" must be a JSON object, got null",
+        ),
+        (
+            json!("4.929"),
+            "field \"data\" must be a JSON object, got a string: \"4.929\"",
+        ),
+        (
+            json!([4.929]),
+            "field \"data\" must be a JSON object, got an array: [4.929]",
+        ),
     ];
     for (value, expected) in cases {
         assert_eq!(rejection(&with_field("data", value)), expected);
@@ -359,11 +431,16 @@ fn first_problem_in_fixed_order_reported() {
     assert_eq!(rejection(&payload), "missing field \"device_id\"");
 
     let payload = json!({"device_id": "d", "timestamp": "yesterday", "sensor_type": "", "data": 1});
-    assert_eq!(rejection(&payload), "field \"timestamp\" is not an RFC 3339 date-time: \"yesterday\"");
+    assert_eq!(
+        rejection(&payload),
+        "field \"timestamp\" is not an RFC 3339 date-time: \"yesterday\""
+    );
 
-    let payload =
-        json!({"device_id": "d", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "", "data": 1});
-    assert_eq!(rejection(&payload), "field \"sensor_type\" must not be empty");
+    let payload = json!({"device_id": "d", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "", "data": 1});
+    assert_eq!(
+        rejection(&payload),
+        "field \"sensor_type\" must not be empty"
+    );
 }
 
 #[test]
@@ -392,5 +469,47 @@ fn truncation_respects_char_boundaries() {
     assert_eq!(
         rejection(&with_field("timestamp", json!(long))),
         format!("field \"timestamp\" is not an RFC 3339 date-time: {expected_quote}")
+    );
+}
+
+/// The quick check accepts only what the full check accepts, on the
+/// payloads where the two could part: shapes serde reads differently from
+/// a JSON tree, escapes, repeated keys and bytes outside the fields read.
+#[test]
+fn quick_check_agrees_with_full_check() {
+    let validator = validator_with(json!({"allowed_sensor_types": ["gps", "temperature"]}));
+    let payloads: Vec<Vec<u8>> = vec![
+        serde_json::to_vec(&telemetry()).unwrap(),
+        br#"["buoy_b01", "2016-02-15T00:00:00Z", "temperature", {}]"#.to_vec(),
+        br#" {"device_id": "b\u0031", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        br#"{"device_id": "", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        br#"{"device_id": "a", "device_id": "", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        br#"{"device_id": "", "device_id": "a", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        br#"{"device_id": "a", "timestamp": "2016-02-15x00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        br#"{"device_id": "a", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "sonar", "data": {}}"#.to_vec(),
+        br#"{"device_id": "a", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": []}"#.to_vec(),
+        br#"{"device_id": "a", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}} x"#.to_vec(),
+        br#"{"device_id": "a", "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {"x": [1, {"y": null}]}, "extra": "\ud83d\ude00"}"#.to_vec(),
+        b"{\"device_id\": \"a\", \"timestamp\": \"2016-02-15T00:00:00Z\", \"sensor_type\": \"gps\", \"data\": {}, \"note\": \"\xff\"}".to_vec(),
+        br#"{"device_id": 7, "timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        br#"{"timestamp": "2016-02-15T00:00:00Z", "sensor_type": "gps", "data": {}}"#.to_vec(),
+        b"".to_vec(),
+    ];
+    // The quick way never takes what the full check refuses; what it
+    // leaves (repeated keys, an array at the top) goes to the full check.
+    for payload in &payloads {
+        let text = String::from_utf8_lossy(payload);
+        assert!(
+            !validator.accepts(payload) || validator.check(payload).is_ok(),
+            "{text}"
+        );
+    }
+    let taken: Vec<usize> = (0..payloads.len())
+        .filter(|&i| validator.accepts(&payloads[i]))
+        .collect();
+    assert_eq!(
+        taken,
+        vec![0, 2, 10],
+        "ordinary readings, escapes included, take the quick way"
     );
 }
