@@ -730,6 +730,7 @@ fn check_layers(file: &Path, text: &str, layers: &Layers) -> Checked {
         origins: &origins,
         base: &base,
         errors: Vec::new(),
+        removed: &removed,
     }
     .validate(raw, file, layers, layered.overlay.clone());
     // A key removed for a schema problem leaves its table looking empty or
@@ -904,6 +905,10 @@ struct Validator<'a> {
     origins: &'a Origins,
     base: &'a Path,
     errors: Vec<ConfigError>,
+    /// Keys taken out for a schema problem. A sink table with a bad key
+    /// goes as a whole (its `type` tag hides the key's path from serde), and
+    /// a reference to it is not a second problem.
+    removed: &'a [String],
 }
 
 impl Validator<'_> {
@@ -1385,6 +1390,11 @@ impl Validator<'_> {
                     "add at least one sink",
                 );
             }
+            let removed_sinks: Vec<&str> = self
+                .removed
+                .iter()
+                .filter_map(|key| key.strip_prefix("sinks."))
+                .collect();
             for (index, sink) in pipeline.sinks.iter().enumerate() {
                 if pipeline.sinks[..index].contains(sink) {
                     self.error(
@@ -1393,7 +1403,7 @@ impl Validator<'_> {
                         "list each sink once",
                     );
                 }
-                if !sink_names.contains(sink) {
+                if !sink_names.contains(sink) && !removed_sinks.contains(&sink.as_str()) {
                     self.error(
                         format!("pipelines.{name}.sinks"),
                         format!("sink \"{sink}\" is not defined"),
@@ -1673,6 +1683,20 @@ path = "out/processed.jsonl"
                 .contains("key `log.format`: unknown variant `xml`, expected `text` or `json`"),
             "{}",
             errors[0]
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_a_sink_is_one_problem() {
+        let text = VALID.replace(
+            "type = \"file\"\npath = \"out/processed.jsonl\"",
+            "type = \"file\"\nbogus = 1\npath = \"out/processed.jsonl\"",
+        );
+        let (_file, errors) = errors(&text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].contains("key `sinks.file`: unknown field `bogus`"),
+            "{errors:#?}"
         );
     }
 
