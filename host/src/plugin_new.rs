@@ -30,6 +30,9 @@ pub fn create(
             "plugin name \"{name}\" is not valid; use lowercase letters, digits and dashes, starting with a letter"
         );
     }
+    if lang == Lang::Rust && RUST_KEYWORDS.contains(&name) {
+        bail!("plugin name \"{name}\" is a Rust keyword, which cargo refuses as a package name; choose another name");
+    }
     let folder = parent.join(name);
     if folder.exists() {
         bail!(
@@ -42,6 +45,16 @@ pub fn create(
         Lang::Rust => {
             let in_workspace = workspace
                 .filter(|root| std::path::absolute(&folder).is_ok_and(|f| f.starts_with(root)));
+            // Two packages of one name break every cargo command in the
+            // workspace, the host's build included.
+            if let Some(root) = in_workspace {
+                if let Some(path) = package_path(root, name) {
+                    bail!(
+                        "the workspace has a package named \"{name}\" already, in {}; choose another name",
+                        path.display()
+                    );
+                }
+            }
             let sdk = match in_workspace {
                 Some(_) => "eliot-sdk.workspace = true".to_owned(),
                 None => {
@@ -144,6 +157,48 @@ fn add_member(root: &Path, member: &str) -> anyhow::Result<()> {
         );
     }
     std::fs::write(&manifest, out).with_context(|| format!("cannot write {}", manifest.display()))
+}
+
+/// Words that cargo refuses as package names: Rust's strict and reserved
+/// keywords that a plugin name's characters can spell.
+const RUST_KEYWORDS: &[&str] = &[
+    "abstract", "as", "async", "await", "become", "box", "break", "const", "continue", "crate",
+    "do", "dyn", "else", "enum", "extern", "false", "final", "fn", "for", "gen", "if", "impl",
+    "in", "let", "loop", "macro", "match", "mod", "move", "mut", "override", "priv", "pub", "ref",
+    "return", "self", "static", "struct", "super", "trait", "true", "try", "type", "typeof",
+    "unsafe", "unsized", "use", "virtual", "where", "while", "yield",
+];
+
+/// Returns the folder of the workspace member at `root` whose package is
+/// called `name`, if there is one.
+fn package_path(root: &Path, name: &str) -> Option<PathBuf> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .parse::<toml::Table>()
+            .ok()
+    };
+    let workspace = read(&root.join("Cargo.toml"))?;
+    let members = workspace
+        .get("workspace")?
+        .get("members")?
+        .as_array()?
+        .clone();
+    members
+        .iter()
+        .filter_map(toml::Value::as_str)
+        .map(|member| root.join(member))
+        .find(|folder| {
+            read(&folder.join("Cargo.toml"))
+                .and_then(|manifest| {
+                    manifest
+                        .get("package")?
+                        .get("name")?
+                        .as_str()
+                        .map(|n| n == name)
+                })
+                .unwrap_or(false)
+        })
 }
 
 /// `my-plugin` becomes `MyPlugin`.
@@ -305,6 +360,53 @@ mod tests {
                 "{name}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn keywords_and_taken_package_names_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["self", "type", "crate"] {
+            let error = create(name, Lang::Rust, dir.path(), None).unwrap_err();
+            assert!(
+                error.to_string().contains("is a Rust keyword"),
+                "{name}: {error}"
+            );
+        }
+        // Other languages have no cargo package, so the name is free there.
+        create("self", Lang::Python, dir.path(), None).unwrap();
+
+        let root = std::path::absolute(dir.path()).unwrap();
+        std::fs::write(
+            root.join("Cargo.toml"),
+            "[workspace]\nmembers = [\n    \"sdk\",\n]\n",
+        )
+        .unwrap();
+        std::fs::create_dir(root.join("sdk")).unwrap();
+        std::fs::write(
+            root.join("sdk/Cargo.toml"),
+            "[package]\nname = \"eliot-sdk\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir(root.join("plugins")).unwrap();
+        let error =
+            create("eliot-sdk", Lang::Rust, &root.join("plugins"), Some(&root)).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("has a package named \"eliot-sdk\" already"),
+            "{error}"
+        );
+        assert!(
+            !root.join("plugins/eliot-sdk").exists(),
+            "nothing was written"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("Cargo.toml"))
+                .unwrap()
+                .matches("eliot-sdk")
+                .count(),
+            0
+        );
     }
 
     #[test]
