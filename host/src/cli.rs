@@ -219,6 +219,18 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                     wit,
                 },
         } => {
+            // Checked before a build that may take minutes.
+            if let Some(out) = out.as_deref().filter(|out| out.exists() && !out.is_dir()) {
+                anyhow::bail!(
+                    "--out {} is a file; name the folder the components go into",
+                    out.display()
+                );
+            }
+            if lang == crate::plugin_build::Lang::Rust && wit.is_some() {
+                anyhow::bail!(
+                    "--wit applies to --lang python, js and c; a Rust plugin takes its WIT from the SDK it depends on"
+                );
+            }
             let cwd = std::env::current_dir()?;
             let found = crate::plugin_build::workspace_root(&cwd);
             if lang != crate::plugin_build::Lang::Rust {

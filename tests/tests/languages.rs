@@ -305,3 +305,23 @@ fn new_plugin_skeletons_build_and_load() {
     assert!(text.contains("no exported instance named `eliot:plugin/processor@0.1.0`"), "{text}");
     assert!(text.contains("the component exports [eliot:plugin/processor@0.2.0]"), "{text}");
 }
+
+/// Arguments that cannot work are refused before a build that takes
+/// minutes, with the argument and the fix named.
+#[test]
+fn plugin_build_refuses_bad_arguments_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let output = std::process::Command::new(ELIOT).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, stderr) = run(&["plugin".as_ref(), "build".as_ref(), "--out".as_ref(), file.as_os_str()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("--out {} is a file; name the folder the components go into", file.display())), "{stderr}");
+    let (code, stderr) = run(&["plugin".as_ref(), "build".as_ref(), "--wit".as_ref(), dir.path().as_os_str()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--wit applies to --lang python, js and c"), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"", "the file is left alone");
+}
