@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use eliot::config::Config;
+use eliot::deadletter::{DeadLetter, DeadLetterStore, FailureKind};
 use eliot::host::Host;
+use eliot::wasm::{Message, Qos};
 use eliot_tests::config::example_config;
 use eliot_tests::data::expected_messages;
 use eliot_tests::http::{self, metric_sum};
@@ -22,6 +24,12 @@ use serde_json::{json, Value};
 /// the bearer token in variable `token_env`, and device status on
 /// `devices/+/status`.
 fn write_config(dir: &Path, broker: &str, plugins: &Path, client_id: &str, token_env: &str) -> Config {
+    write_config_with(dir, broker, plugins, client_id, token_env, r#""file""#, "")
+}
+
+/// Does the same as [`write_config`] with the pipeline's `sinks` list and
+/// `tables` of TOML appended, for example more sinks.
+fn write_config_with(dir: &Path, broker: &str, plugins: &Path, client_id: &str, token_env: &str, sinks: &str, tables: &str) -> Config {
     let extra = format!(
         r#"
 [admin]
@@ -30,9 +38,10 @@ token_env = "{token_env}"
 
 [devices]
 status_topic = "devices/+/status"
+{tables}
 "#
     );
-    let text = example_config(broker, plugins, client_id, r#""file""#, &extra);
+    let text = example_config(broker, plugins, client_id, sinks, &extra);
     let path = dir.join("eliot.toml");
     std::fs::write(&path, text).unwrap();
     Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
@@ -77,6 +86,24 @@ async fn wait_ready(admin: SocketAddr, ready: bool, timeout: Duration) -> Value 
         assert!(Instant::now() < deadline, "readyz did not turn {ready} within {timeout:?}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Stores a dead letter in the host's store under `dir`, as the host would
+/// after its sink failed, and returns its id. The example pipeline
+/// delivers it on replay, with one record.
+fn store_letter(dir: &Path, device: &str) -> i64 {
+    let store = DeadLetterStore::open_existing(&dir.join("out/dead-letters.sqlite")).unwrap();
+    let message = Message {
+        topic: format!("devices/{device}/telemetry"),
+        payload: format!(r#"{{"device_id": "{device}", "timestamp": "2025-06-05T14:30:00Z", "sensor_type": "gps", "data": {{}}}}"#).into_bytes(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        received_at_ms: 1_749_133_800_000,
+        headers: Vec::new(),
+    };
+    let letter = DeadLetter::new("telemetry".to_owned(), "sink".to_owned(), FailureKind::HostPanic, "stored by the test".to_owned(), message);
+    store.append(&[&letter]).unwrap();
+    store.last_id().unwrap().expect("the letter was stored")
 }
 
 /// Malformed messages from devices bad_001..bad_006, which validate-format
@@ -551,4 +578,70 @@ async fn admin_port_in_use_fails_start() {
     };
     assert!(error.starts_with(&format!("admin.listen: cannot listen on {listen}: ")), "{error}");
     assert!(error.ends_with("choose a free port, or port 0 for any"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_replay_skips_letter_cli_replays() {
+    use eliot::deadletter::cli::{execute_to, ConfigArg, DeadLetterCommand, FilterArgs};
+    use eliot_tests::silent_broker::SilentBroker;
+
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_CLAIM_TOKEN";
+    const TOKEN: &str = "claim-secret-6e03";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let republish = r#"
+[sinks.republish]
+type = "mqtt"
+topic = "processed/{payload.device_id}"
+"#;
+    let config = write_config_with(dir.path(), &broker.address(), &plugins, "eliot-ops-claim", TOKEN_ENV, r#""file", "republish""#, republish);
+    let (host, admin) = start_host(config).await;
+    let id = store_letter(dir.path(), "claimed");
+    let output = dir.path().join("out/processed.jsonl");
+
+    // `eliot dead-letters replay ID`, with its MQTT sink on a broker that
+    // never confirms: it wrote the file sink and waits for the PUBACK,
+    // in the middle of replaying the letter.
+    let mut silent = SilentBroker::start().await;
+    let command = DeadLetterCommand::Replay {
+        config: ConfigArg { config: dir.path().join("eliot.toml") },
+        ids: vec![id],
+        filter: FilterArgs::default(),
+        all: false,
+        broker: Some(silent.address()),
+        skip_mqtt_sinks: false,
+    };
+    // The CLI runs in this task, polled beside the steps that follow.
+    let mut out = Vec::new();
+    let mut cli = Box::pin(execute_to(command, &mut out));
+    tokio::select! {
+        result = &mut cli => panic!("the CLI replay ended before it published: {result:?}"),
+        () = silent.wait_publishes(1, Duration::from_secs(60)) => {}
+    }
+    assert_eq!(read_complete_lines(&output).len(), 1, "the CLI wrote its record");
+
+    // The API leaves the letter to the CLI.
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let path = format!("/api/dead-letters/{id}/replay");
+    let api_replay = http::request(admin, "POST", &path, &auth, None);
+    let replayed = tokio::select! {
+        result = &mut cli => panic!("the CLI replay ended while the API replayed: {result:?}"),
+        response = api_replay => response,
+    };
+    assert_eq!(replayed.status, 200, "{}", replayed.body);
+    let summary = replayed.json();
+    assert_eq!(summary["delivered"], 0, "{summary}");
+    assert_eq!(summary["skipped"], 1, "{summary}");
+    assert_eq!(summary["letters"][0]["outcome"], "skipped", "{summary}");
+    assert!(summary["letters"][0]["reason"].as_str().unwrap().contains("another replay"), "{summary}");
+    assert_eq!(read_complete_lines(&output).len(), 1, "the API wrote no second record");
+
+    // The CLI stops as if it were killed, and the letter stays in the
+    // store.
+    drop(cli);
+    assert_eq!(http::get(admin, &format!("/api/dead-letters/{id}")).await.status, 200);
+    host.shutdown(Duration::from_secs(10)).await;
 }
