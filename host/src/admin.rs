@@ -3,6 +3,8 @@
 //!
 //! - [`metrics`]: the Prometheus (OpenMetrics text) exposition.
 //! - [`api`]: the JSON endpoints.
+//! - [`server`]: the accept loop, with its connection cap and header
+//!   timeout.
 //!
 //! It runs only when the config has an `[admin]` table. Reading endpoints
 //! need no token, so anyone who can reach the address can read them; the
@@ -13,6 +15,7 @@
 
 pub mod api;
 pub mod metrics;
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -77,6 +80,9 @@ struct Admin {
 /// Binds `listen` and serves until `shutdown` turns true. Returns the bound
 /// address, which differs from `listen` when its port is 0.
 ///
+/// At most [`server::MAX_CONNECTIONS`] connections are open at once, and a
+/// client has [`server::HEADER_READ_TIMEOUT`] to send its headers.
+///
 /// # Errors
 ///
 /// Fails when the address cannot be bound, for example because another
@@ -84,7 +90,7 @@ struct Admin {
 pub async fn serve(
     listen: SocketAddr,
     state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!(
@@ -93,18 +99,15 @@ pub async fn serve(
     })?;
     let address = listener.local_addr()?;
     let registry = Arc::new(metrics::registry(state.clone()));
+    let events = state.events.clone();
     let app = router(Admin { state, registry });
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    });
+    let task = tokio::spawn(server::run(
+        listener,
+        app,
+        server::ConnectionLimits::default(),
+        events,
+        shutdown,
+    ));
     Ok((address, task))
 }
 

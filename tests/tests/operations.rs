@@ -581,6 +581,68 @@ async fn admin_port_in_use_fails_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_spare_mqtt() {
+    use eliot_tests::process::HostProcess;
+    use tokio::net::TcpStream;
+
+    const ELIOT: &str = env!("CARGO_BIN_EXE_eliot-under-test");
+    const CAP: usize = eliot::admin::server::MAX_CONNECTIONS;
+    // More idle connections than the host could hold without the cap (the
+    // limit set below leaves room for CAP + 32), and at most the cap plus
+    // the listen backlog (128 in mio 1.2), so that every connect completes.
+    const IDLE: usize = CAP + 112;
+    let mut broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-idle", "ELIOT_OPS_TEST_UNSET_TOKEN");
+    let log = dir.path().join("host.log");
+    let mut host = tokio::task::block_in_place(|| HostProcess::start(Path::new(ELIOT), &dir.path().join("eliot.toml"), &log));
+    let listening = host.log().lines().find(|line| line.contains("admin server listening")).map(str::to_owned).expect("the admin address is logged");
+    let admin: SocketAddr = listening.split("address=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
+    tokio::task::block_in_place(|| host.wait_for_log("watching for plugin and config changes", Duration::from_secs(30)));
+
+    // The host may open the files and sockets it has now, the admin
+    // connections up to the cap, and a few more, such as the files of a
+    // reload or the socket of a reconnect.
+    let baseline = host.open_files();
+    host.limit_open_files((baseline + CAP + 32) as u64);
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for n in 0..IDLE {
+        idle.push(TcpStream::connect(admin).await.unwrap_or_else(|e| panic!("idle connection {n}: {e}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host.open_files() < baseline + CAP {
+        assert!(Instant::now() < deadline, "the host accepted only {} connections", host.open_files() - baseline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // While the connections are open, a config change is reloaded, which
+    // opens the config file.
+    let config = dir.path().join("eliot.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let stages = r#"stages = ["enrich", "validate-format", "sanity-filter"]"#;
+    assert!(text.contains(stages), "{text}");
+    let reordered = text.replace(stages, r#"stages = ["validate-format", "enrich", "sanity-filter"]"#);
+    let temporary = dir.path().join("eliot.toml.new");
+    std::fs::write(&temporary, reordered).unwrap();
+    std::fs::rename(&temporary, &config).unwrap();
+    tokio::task::block_in_place(|| host.wait_for_log("reload applied", Duration::from_secs(60)));
+
+    // The broker restarts while the connections are open: reconnecting
+    // needs a new socket.
+    tokio::task::block_in_place(|| {
+        broker.restart();
+        host.wait_for_log_count("connected to the broker", 2, Duration::from_secs(60));
+    });
+
+    // The server responds again once the idle connections are gone.
+    drop(idle);
+    wait_ready(admin, true, Duration::from_secs(60)).await;
+    tokio::task::block_in_place(|| host.terminate(Duration::from_secs(30)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_replay_skips_letter_cli_replays() {
     use eliot::deadletter::cli::{execute_to, ConfigArg, DeadLetterCommand, FilterArgs};
     use eliot_tests::silent_broker::SilentBroker;
