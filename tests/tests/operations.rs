@@ -1,7 +1,8 @@
 //! Operating the host through its admin server: /metrics against a run of
 //! the real sensor data, readiness across a broker outage, the devices
-//! endpoint, a dead-letter replay through the API, and the bearer token of
-//! the mutating endpoints.
+//! endpoint, a dead-letter replay through the API, the bearer token of
+//! the mutating endpoints, JSON errors, and the limits that keep slow or
+//! idle clients from starving the MQTT side.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -580,6 +581,45 @@ async fn admin_port_in_use_fails_start() {
     assert!(error.ends_with("choose a free port, or port 0 for any"), "{error}");
 }
 
+/// Maximum wait for the admin server to cut off a slow client: its header
+/// and body timeouts are 5 seconds each, and the rest is room for a busy
+/// machine.
+const CUT_OFF_WITHIN: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_SLOW_TOKEN";
+    const TOKEN: &str = "slow-secret-5be0";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-slow", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+
+    // A connection that never sends a request is closed by the server.
+    let mut idle = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let answer = http::read_until_closed(&mut idle, CUT_OFF_WITHIN).await;
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "{answer:?}");
+
+    // So is one whose headers never end.
+    let answer = http::send_raw(admin, b"GET /healthz HTTP/1.1\r\nHost: eliot\r\n", CUT_OFF_WITHIN).await;
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "{answer:?}");
+
+    // A body that stops short of its Content-Length gets 408.
+    let slow_body = format!(
+        "POST /api/dead-letters/purge HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\""
+    );
+    let answer = http::send_raw(admin, slow_body.as_bytes(), CUT_OFF_WITHIN).await;
+    let response = http::parse_response(&answer).unwrap_or_else(|| panic!("no response to a slow body: {answer:?}"));
+    assert_eq!(response.status, 408, "{}", response.body);
+    assert!(response.json()["error"].as_str().unwrap().contains("body"), "{}", response.body);
+
+    let health = http::get(admin, "/healthz").await;
+    assert_eq!(health.status, 200, "the server still answers");
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_spare_mqtt() {
     use eliot_tests::process::HostProcess;
@@ -705,5 +745,58 @@ topic = "processed/{payload.device_id}"
     // store.
     drop(cli);
     assert_eq!(http::get(admin, &format!("/api/dead-letters/{id}")).await.status, 200);
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_json() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_ERRORS_TOKEN";
+    const TOKEN: &str = "errors-secret-9c14";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-errors", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+    let bearer = format!("Bearer {TOKEN}");
+
+    let too_large = "99999999999999999999";
+    // Method, path, whether the token is sent, expected status, and a text
+    // the error must contain.
+    let cases: [(&str, String, bool, u16, &str); 11] = [
+        ("GET", "/api/dead-letters/abc".to_owned(), false, 400, "\"abc\""),
+        ("GET", format!("/api/dead-letters/{too_large}"), false, 400, too_large),
+        ("GET", "/api/dead-letters?limit=many".to_owned(), false, 400, "limit"),
+        ("GET", "/api/dead-letters?colour=red".to_owned(), false, 400, "colour"),
+        ("GET", "/api/nothing-here".to_owned(), false, 404, "/api/nothing-here"),
+        ("PUT", "/api/dead-letters/1".to_owned(), true, 405, "PUT"),
+        ("POST", "/api/dead-letters/abc/replay".to_owned(), true, 400, "\"abc\""),
+        ("DELETE", format!("/api/dead-letters/{too_large}"), true, 400, too_large),
+        // Without the token: 401 before the path is read.
+        ("POST", "/api/dead-letters/abc/replay".to_owned(), false, 401, "bearer token"),
+        ("DELETE", format!("/api/dead-letters/{too_large}"), false, 401, "bearer token"),
+        ("POST", "/api/dead-letters/purge".to_owned(), false, 401, "bearer token"),
+    ];
+    for (method, path, with_token, status, text) in cases {
+        let headers: &[(&str, &str)] = if with_token { &[("Authorization", &bearer)] } else { &[] };
+        let response = http::request(admin, method, &path, headers, None).await;
+        assert_eq!(response.status, status, "{method} {path}: {}", response.body);
+        assert_eq!(response.header("content-type"), Some("application/json"), "{method} {path}: {}", response.body);
+        let error = response.json()["error"].as_str().unwrap_or_else(|| panic!("{method} {path}: no error text: {}", response.body)).to_owned();
+        assert!(error.contains(text), "{method} {path}: {error}");
+        if status == 405 {
+            assert!(response.header("allow").is_some_and(|allow| allow.contains("DELETE")), "{method} {path}: {:?}", response.headers);
+        }
+    }
+
+    // A body over the limit is rejected from its Content-Length, and
+    // without the token the request is rejected before the body.
+    let large_head = |auth: &str| format!("POST /api/dead-letters/purge HTTP/1.0\r\n{auth}Content-Type: application/json\r\nContent-Length: 3000000\r\n\r\n");
+    for (auth, status) in [(format!("Authorization: {bearer}\r\n"), 413), (String::new(), 401)] {
+        let answer = http::send_raw(admin, large_head(&auth).as_bytes(), CUT_OFF_WITHIN).await;
+        let response = http::parse_response(&answer).unwrap_or_else(|| panic!("no response: {answer:?}"));
+        assert_eq!(response.status, status, "{}", response.body);
+        assert!(response.json()["error"].is_string(), "{}", response.body);
+    }
     host.shutdown(Duration::from_secs(10)).await;
 }

@@ -5,13 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, Admin, ApiError};
+use super::request::{ApiQuery, DeadLetterId};
+use super::{Admin, ApiError};
 use crate::deadletter::replay::{self, LetterOutcome, ReplayOptions, Selection};
 use crate::deadletter::{FailureKind, ListFilter};
 use crate::wasm::LoadedPlugin;
@@ -193,7 +194,7 @@ impl FilterParams {
 /// `GET /api/dead-letters?pipeline=&stage=&kind=&topic_prefix=&limit=&after_id=`.
 pub(super) async fn list_dead_letters(
     State(admin): State<Admin>,
-    Query(params): Query<FilterParams>,
+    ApiQuery(params): ApiQuery<FilterParams>,
 ) -> ApiResult {
     let filter = params.to_filter(Some(DEFAULT_LIMIT))?;
     let store = &admin.state.dead_letters;
@@ -210,7 +211,10 @@ pub(super) async fn list_dead_letters(
 }
 
 /// `GET /api/dead-letters/{id}`.
-pub(super) async fn show_dead_letter(State(admin): State<Admin>, Path(id): Path<i64>) -> ApiResult {
+pub(super) async fn show_dead_letter(
+    State(admin): State<Admin>,
+    DeadLetterId(id): DeadLetterId,
+) -> ApiResult {
     match admin
         .state
         .dead_letters
@@ -272,15 +276,8 @@ impl SelectionBody {
 
 /// `POST /api/dead-letters/replay`: sends the selected dead letters through
 /// their pipeline again, as `eliot dead-letters replay` does. Needs the
-/// bearer token.
-pub(super) async fn replay(
-    State(admin): State<Admin>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    // The token is checked before the body is read, so that a request
-    // without it gets 401 whatever it sends.
-    authorize(&admin.state, &headers)?;
+/// bearer token, which [`super::auth::require_token`] checks.
+pub(super) async fn replay(State(admin): State<Admin>, body: axum::body::Bytes) -> ApiResult {
     let selection = SelectionBody::parse(&body)?.to_selection()?;
     run_replay(&admin, &selection).await
 }
@@ -288,10 +285,8 @@ pub(super) async fn replay(
 /// `POST /api/dead-letters/{id}/replay`. Needs the bearer token.
 pub(super) async fn replay_one(
     State(admin): State<Admin>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
+    DeadLetterId(id): DeadLetterId,
 ) -> ApiResult {
-    authorize(&admin.state, &headers)?;
     if admin
         .state
         .dead_letters
@@ -375,14 +370,7 @@ fn outcome_json(id: i64, outcome: &LetterOutcome) -> Value {
 
 /// `POST /api/dead-letters/purge`: deletes the selected dead letters.
 /// Needs the bearer token.
-pub(super) async fn purge(
-    State(admin): State<Admin>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    // The token is checked before the body is read, so that a request
-    // without it gets 401 whatever it sends.
-    authorize(&admin.state, &headers)?;
+pub(super) async fn purge(State(admin): State<Admin>, body: axum::body::Bytes) -> ApiResult {
     let selection = SelectionBody::parse(&body)?.to_selection()?;
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
@@ -398,10 +386,8 @@ pub(super) async fn purge(
 /// `DELETE /api/dead-letters/{id}`. Needs the bearer token.
 pub(super) async fn delete_dead_letter(
     State(admin): State<Admin>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
+    DeadLetterId(id): DeadLetterId,
 ) -> ApiResult {
-    authorize(&admin.state, &headers)?;
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
     match state

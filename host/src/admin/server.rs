@@ -1,6 +1,8 @@
 //! The admin server's connection handling: a cap on open connections and a
 //! timeout on request headers, so that slow or idle clients cannot use up
 //! the file descriptors that the MQTT source, the sinks and reloads need.
+//! The timeout on request bodies is a middleware of the router, see
+//! [`super::request`].
 
 use std::sync::Arc;
 use std::time::Duration;
