@@ -800,3 +800,26 @@ async fn api_errors_are_json() {
     }
     host.shutdown(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_ignores_whitespace_and_case() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_FILE_TOKEN";
+    const TOKEN: &str = "file-secret-0d4e";
+    // As read from a secret file that ends with a line break.
+    std::env::set_var(TOKEN_ENV, format!("{TOKEN}\n"));
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-file-token", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let id = store_letter(dir.path(), "token");
+        let header = format!("{scheme} {TOKEN}");
+        let deleted = http::request(admin, "DELETE", &format!("/api/dead-letters/{id}"), &[("Authorization", &header)], None).await;
+        assert_eq!((deleted.status, deleted.json()), (200, json!({"purged": 1})), "scheme {scheme}");
+    }
+    let wrong = http::request(admin, "DELETE", "/api/dead-letters/1", &[("Authorization", "bearer file-secret")], None).await;
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    host.shutdown(Duration::from_secs(10)).await;
+}

@@ -1,5 +1,6 @@
-//! The bearer token of the mutating endpoints, and the middleware that
-//! checks it before anything else of the request is read.
+//! The bearer token of the mutating endpoints: reading it from the
+//! environment, and the middleware that checks it before anything else of
+//! the request is read.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -7,6 +8,41 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{Admin, AdminState, ApiError};
+
+/// Reads the bearer token from the variable `name`. An unset or empty
+/// variable disables the mutating endpoints, which is logged. Whitespace
+/// around the value is removed with a warning, because HTTP strips it from
+/// header values, so a token read from a file with a final line break could
+/// never match. The token itself is never logged.
+pub fn read_token(name: &str) -> Option<String> {
+    let value = std::env::var(name).unwrap_or_default();
+    let token = value.trim();
+    if token.is_empty() {
+        tracing::warn!(
+            variable = name,
+            "admin replay and purge are disabled because the token variable is not set"
+        );
+        return None;
+    }
+    if token.len() != value.len() {
+        tracing::warn!(
+            variable = name,
+            "the admin token variable has whitespace around its value, which was removed"
+        );
+    }
+    Some(token.to_owned())
+}
+
+/// Returns the credentials of an `Authorization` value with the `Bearer`
+/// scheme, which RFC 7235 makes case-insensitive, or `None` for another
+/// scheme.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("Bearer") {
+        return None;
+    }
+    Some(credentials.trim_start_matches(' '))
+}
 
 /// Checks the bearer token of a mutating request.
 ///
@@ -27,7 +63,7 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+        .and_then(bearer_credentials);
     let Some(given) = given else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -59,5 +95,39 @@ pub(super) async fn require_token(
     match authorize(&admin.state, request.headers()) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_ignores_case() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR  abc"] {
+            assert_eq!(bearer_credentials(value), Some("abc"), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn other_schemes_have_no_token() {
+        for value in ["Basic abc", "Bearerabc", "Bearer", "abc", ""] {
+            assert_eq!(bearer_credentials(value), None, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn token_loses_surrounding_whitespace() {
+        let name = "ELIOT_ADMIN_AUTH_TEST_TOKEN_WHITESPACE";
+        std::env::set_var(name, "  s3cret\r\n");
+        assert_eq!(read_token(name).as_deref(), Some("s3cret"));
+        std::env::set_var(name, " \n");
+        assert_eq!(
+            read_token(name),
+            None,
+            "only whitespace disables the endpoints"
+        );
+        std::env::remove_var(name);
+        assert_eq!(read_token(name), None);
     }
 }
