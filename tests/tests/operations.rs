@@ -683,6 +683,76 @@ async fn idle_connections_spare_mqtt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_takes_each_id_once() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_ONCE_TOKEN";
+    const TOKEN: &str = "once-secret-2a71";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-once", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let output = dir.path().join("out/processed.jsonl");
+    let ids_body = |ids: &[i64]| json!({ "ids": ids }).to_string();
+
+    // A repeated id is replayed once.
+    let id = store_letter(dir.path(), "repeat");
+    let replayed = http::request(admin, "POST", "/api/dead-letters/replay", &auth, Some(&ids_body(&[id, id, id]))).await;
+    assert_eq!(replayed.status, 200, "{}", replayed.body);
+    assert_eq!(replayed.json()["letters"], json!([{"id": id, "outcome": "delivered", "records": 1}]));
+    assert_eq!(replayed.json()["delivered"], 1);
+    assert_eq!(read_complete_lines(&output).len(), 1, "one record for one letter");
+
+    // Once it is gone, replaying it again is 404.
+    let again = http::request(admin, "POST", "/api/dead-letters/replay", &auth, Some(&ids_body(&[id]))).await;
+    assert_eq!(again.status, 404, "{}", again.body);
+    assert!(again.json()["error"].as_str().unwrap().contains(&id.to_string()), "{}", again.body);
+
+    // Three replays of one letter at once: one delivers it, the others
+    // find it gone.
+    let id = store_letter(dir.path(), "race");
+    let body = ids_body(&[id]);
+    let replay = || http::request(admin, "POST", "/api/dead-letters/replay", &auth, Some(&body));
+    let (first, second, third) = tokio::join!(replay(), replay(), replay());
+    let mut statuses = [first.status, second.status, third.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 404, 404], "{}\n{}\n{}", first.body, second.body, third.body);
+    for response in [&first, &second, &third] {
+        assert!(response.json().is_object(), "{}", response.body);
+    }
+    assert_eq!(read_complete_lines(&output).len(), 2, "one record for the second letter");
+
+    // A missing id is 404 for every request that names it.
+    let missing_path = format!("/api/dead-letters/{id}");
+    let missing_replay = format!("/api/dead-letters/{id}/replay");
+    let requests: [(&str, &str, Option<&str>); 4] = [
+        ("POST", &missing_replay, None),
+        ("POST", "/api/dead-letters/replay", Some(&body)),
+        ("POST", "/api/dead-letters/purge", Some(&body)),
+        ("DELETE", &missing_path, None),
+    ];
+    for (method, path, body) in requests {
+        let response = http::request(admin, method, path, &auth, body).await;
+        assert_eq!(response.status, 404, "{method} {path}: {}", response.body);
+        assert!(response.json()["error"].as_str().unwrap().contains(&id.to_string()), "{method} {path}: {}", response.body);
+    }
+
+    // A selection with one missing id changes nothing.
+    let kept = store_letter(dir.path(), "kept");
+    let body = ids_body(&[kept, kept + 1000]);
+    for path in ["/api/dead-letters/replay", "/api/dead-letters/purge"] {
+        let response = http::request(admin, "POST", path, &auth, Some(&body)).await;
+        assert_eq!(response.status, 404, "{path}: {}", response.body);
+        assert!(response.json()["error"].as_str().unwrap().contains(&(kept + 1000).to_string()), "{path}: {}", response.body);
+        assert_eq!(http::get(admin, &format!("/api/dead-letters/{kept}")).await.status, 200, "{path} left {kept} alone");
+    }
+    assert_eq!(read_complete_lines(&output).len(), 2, "nothing more was delivered");
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_replay_skips_letter_cli_replays() {
     use eliot::deadletter::cli::{execute_to, ConfigArg, DeadLetterCommand, FilterArgs};
     use eliot_tests::silent_broker::SilentBroker;
