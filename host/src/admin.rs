@@ -3,6 +3,11 @@
 //!
 //! - [`metrics`]: the Prometheus (OpenMetrics text) exposition.
 //! - [`api`]: the JSON endpoints.
+//! - [`auth`]: the bearer token of the mutating endpoints.
+//! - [`request`]: reading bodies, paths and query strings, with JSON
+//!   errors.
+//! - [`server`]: the accept loop, with its connection cap and header
+//!   timeout.
 //!
 //! It runs only when the config has an `[admin]` table. Reading endpoints
 //! need no token, so anyone who can reach the address can read them; the
@@ -10,18 +15,23 @@
 //! Mutating endpoints (replay, purge) need `Authorization: Bearer TOKEN`,
 //! where TOKEN is the value of the environment variable that
 //! `admin.token_env` names; without that variable they are disabled.
+//! Every error of the server is a JSON object `{"error": "..."}`.
 
 pub mod api;
+pub mod auth;
 pub mod metrics;
+pub mod request;
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
@@ -51,8 +61,10 @@ pub struct AdminState {
     pub token: Option<String>,
     /// Name of the variable the token is read from, for error messages.
     pub token_env: String,
-    /// One replay or purge at a time, so that two requests never change
-    /// the same dead letters at once.
+    /// One replay or purge of this host at a time, so that two requests
+    /// never change the same dead letters at once. A replay in another
+    /// process, such as `eliot dead-letters replay`, is kept apart by the
+    /// claims in the store instead.
     pub mutation: tokio::sync::Mutex<()>,
 }
 
@@ -67,15 +79,21 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// Shared state of the handlers: the host's state and the metric registry.
+/// Shared state of the handlers: the host's state, the metric registry and
+/// the body timeout of [`request::read_body`].
 #[derive(Clone)]
 struct Admin {
     state: Arc<AdminState>,
     registry: Arc<prometheus_client::registry::Registry>,
+    body_read_timeout: std::time::Duration,
 }
 
 /// Binds `listen` and serves until `shutdown` turns true. Returns the bound
 /// address, which differs from `listen` when its port is 0.
+///
+/// At most [`server::MAX_CONNECTIONS`] connections are open at once. A
+/// client has [`server::HEADER_READ_TIMEOUT`] to send its headers and
+/// [`request::BODY_READ_TIMEOUT`] more for the body of a mutating request.
 ///
 /// # Errors
 ///
@@ -84,7 +102,7 @@ struct Admin {
 pub async fn serve(
     listen: SocketAddr,
     state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!(
@@ -93,22 +111,33 @@ pub async fn serve(
     })?;
     let address = listener.local_addr()?;
     let registry = Arc::new(metrics::registry(state.clone()));
-    let app = router(Admin { state, registry });
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "admin server failed");
-        }
+    let events = state.events.clone();
+    let app = router(Admin {
+        state,
+        registry,
+        body_read_timeout: request::BODY_READ_TIMEOUT,
     });
+    let task = tokio::spawn(server::run(
+        listener,
+        app,
+        server::ConnectionLimits::default(),
+        events,
+        shutdown,
+    ));
     Ok((address, task))
 }
 
 fn router(admin: Admin) -> Router {
+    // The token is checked first, before the path or the body is read.
+    // Then the body is read within its time and size limits. The layer
+    // added last runs first.
+    let mutating = Router::new()
+        .route("/api/dead-letters/:id", delete(api::delete_dead_letter))
+        .route("/api/dead-letters/:id/replay", post(api::replay_one))
+        .route("/api/dead-letters/replay", post(api::replay))
+        .route("/api/dead-letters/purge", post(api::purge))
+        .route_layer(from_fn_with_state(admin.clone(), request::read_body))
+        .route_layer(from_fn_with_state(admin.clone(), auth::require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -117,13 +146,10 @@ fn router(admin: Admin) -> Router {
         .route("/api/plugins", get(api::plugins))
         .route("/api/devices", get(api::devices))
         .route("/api/dead-letters", get(api::list_dead_letters))
-        .route(
-            "/api/dead-letters/:id",
-            get(api::show_dead_letter).delete(api::delete_dead_letter),
-        )
-        .route("/api/dead-letters/:id/replay", post(api::replay_one))
-        .route("/api/dead-letters/replay", post(api::replay))
-        .route("/api/dead-letters/purge", post(api::purge))
+        .route("/api/dead-letters/:id", get(api::show_dead_letter))
+        .merge(mutating)
+        .fallback(request::no_route)
+        .method_not_allowed_fallback(request::method_not_allowed)
         .with_state(admin)
 }
 
@@ -233,45 +259,5 @@ impl IntoResponse for ApiError {
             return (self.status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
         }
         (self.status, body).into_response()
-    }
-}
-
-/// Checks the bearer token of a mutating request.
-///
-/// # Errors
-///
-/// 403 when no token is configured, 401 when the header is missing or the
-/// token is wrong. The token is compared in constant time and never logged.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "mutating endpoints are disabled because {} is not set; set it to a secret token and restart the host",
-                state.token_env
-            ),
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    let Some(given) = given else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing bearer token; send the header \"Authorization: Bearer TOKEN\"",
-        ));
-    };
-    use subtle::ConstantTimeEq as _;
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
-    } else {
-        if state.events.admit("admin-wrong-token") {
-            tracing::warn!("admin request rejected: wrong bearer token");
-        }
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "wrong bearer token",
-        ))
     }
 }

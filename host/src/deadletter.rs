@@ -11,7 +11,10 @@ mod publish;
 pub mod replay;
 pub mod store;
 
-pub use store::{DeadLetterError, DeadLetterStore, ListFilter, ReplayFailure, StoredDeadLetter};
+pub use store::{
+    Claimed, DeadLetterError, DeadLetterStore, ListFilter, ReplayClaim, ReplayFailure,
+    StoredDeadLetter,
+};
 
 use crate::wasm::Message;
 

@@ -185,7 +185,7 @@ impl Host {
                     dead_letters: dead_letters.clone(),
                     events: events.clone(),
                     broker,
-                    token: admin_token(&admin.token_env),
+                    token: crate::admin::auth::read_token(&admin.token_env),
                     token_env: admin.token_env.clone(),
                     mutation: tokio::sync::Mutex::new(()),
                 });
@@ -309,22 +309,6 @@ impl Host {
                 deadline_ms = deadline.as_millis() as u64,
                 "shutdown deadline passed; unacknowledged messages will be redelivered"
             );
-        }
-    }
-}
-
-/// Reads the admin bearer token from the variable `name`. An unset or empty
-/// variable disables the mutating endpoints, which is logged; the token
-/// itself never is.
-fn admin_token(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(token) if !token.is_empty() => Some(token),
-        _ => {
-            tracing::warn!(
-                variable = name,
-                "admin replay and purge are disabled because the token variable is not set"
-            );
-            None
         }
     }
 }

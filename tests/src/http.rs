@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Maximum time of one request, from connecting to the end of the body.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,7 +65,47 @@ pub async fn request(address: SocketAddr, method: &str, path: &str, headers: &[(
     let raw = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| panic!("{method} {path} got no complete response within {REQUEST_TIMEOUT:?}"));
-    parse(&raw).unwrap_or_else(|| panic!("malformed response to {method} {path}: {}", String::from_utf8_lossy(&raw)))
+    parse_response(&raw).unwrap_or_else(|| panic!("malformed response to {method} {path}: {}", String::from_utf8_lossy(&raw)))
+}
+
+/// Sends `raw` exactly as given, for requests the client above cannot
+/// make (a body shorter than its Content-Length, headers that never end),
+/// and reads until the server closes the connection. Returns the bytes
+/// read: a response, or nothing when the server closed without one.
+///
+/// # Panics
+///
+/// Panics when the connection fails, or is still open after `timeout`.
+pub async fn send_raw(address: SocketAddr, raw: &[u8], timeout: Duration) -> Vec<u8> {
+    let mut stream = TcpStream::connect(address).await.unwrap_or_else(|e| panic!("connect to {address}: {e}"));
+    stream.write_all(raw).await.unwrap_or_else(|e| panic!("send to {address}: {e}"));
+    read_until_closed(&mut stream, timeout).await
+}
+
+/// Reads from `stream` until the server closes it, and returns what was
+/// read. A reset counts as a close.
+///
+/// # Panics
+///
+/// Panics when the connection is still open after `timeout`, or a read
+/// fails otherwise.
+pub async fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let read = async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("read from the admin server: {e}"),
+            }
+        }
+    };
+    if tokio::time::timeout(timeout, read).await.is_err() {
+        panic!("the server did not close the connection within {timeout:?}; read so far: {:?}", String::from_utf8_lossy(&raw));
+    }
+    raw
 }
 
 /// Sends `GET path`.
@@ -72,7 +113,9 @@ pub async fn get(address: SocketAddr, path: &str) -> Response {
     request(address, "GET", path, &[], None).await
 }
 
-fn parse(raw: &[u8]) -> Option<Response> {
+/// Parses a whole HTTP/1 response without chunked encoding; `None` when
+/// it is malformed or empty.
+pub fn parse_response(raw: &[u8]) -> Option<Response> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&raw[..split]).ok()?;
     let mut lines = head.split("\r\n");

@@ -9,6 +9,7 @@
 //! - [`data`]: the bundled sensor CSVs as the device messages the simulator
 //!   sends.
 //! - [`http`]: a minimal HTTP client for the admin server.
+//! - [`silent_broker`]: an MQTT listener that never confirms a publish.
 //! - [`wait`]: bounded polling waits.
 //!
 //! Helpers panic with a message that names what failed, because they run
@@ -24,6 +25,7 @@ pub mod http;
 pub mod mqtt;
 pub mod plugins;
 pub mod process;
+pub mod silent_broker;
 pub mod wait;
 
 pub use broker::{free_port, Mosquitto, MosquittoBuilder, TlsListener};

@@ -71,6 +71,36 @@ impl HostProcess {
         self.child.id()
     }
 
+    /// Counts the file descriptors the process has open now: files,
+    /// sockets, pipes.
+    ///
+    /// # Panics
+    ///
+    /// Panics when `/proc/PID/fd` cannot be read.
+    pub fn open_files(&self) -> usize {
+        let folder = format!("/proc/{}/fd", self.child.id());
+        std::fs::read_dir(&folder).unwrap_or_else(|e| panic!("cannot read {folder}: {e}")).count()
+    }
+
+    /// Lowers the soft limit of open file descriptors (RLIMIT_NOFILE) of
+    /// the running process to `limit`, as `prlimit --nofile` does.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the kernel rejects the change.
+    pub fn limit_open_files(&self, limit: u64) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits in pid_t");
+        let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit(2) on a child this harness owns, with valid
+        // pointers to rlimit values that live across the call.
+        let read = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut current) };
+        assert_eq!(read, 0, "read the open-file limit of pid {pid}: {}", std::io::Error::last_os_error());
+        let lowered = libc::rlimit { rlim_cur: limit, rlim_max: current.rlim_max };
+        // SAFETY: as above.
+        let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lowered, std::ptr::null_mut()) };
+        assert_eq!(set, 0, "set the open-file limit of pid {pid} to {limit}: {}", std::io::Error::last_os_error());
+    }
+
     /// Returns the log written so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,7 +1,8 @@
 //! Operating the host through its admin server: /metrics against a run of
 //! the real sensor data, readiness across a broker outage, the devices
-//! endpoint, a dead-letter replay through the API, and the bearer token of
-//! the mutating endpoints.
+//! endpoint, a dead-letter replay through the API, the bearer token of
+//! the mutating endpoints, JSON errors, and the limits that keep slow or
+//! idle clients from starving the MQTT side.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,7 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use eliot::config::Config;
+use eliot::deadletter::{DeadLetter, DeadLetterStore, FailureKind};
 use eliot::host::Host;
+use eliot::wasm::{Message, Qos};
 use eliot_tests::config::example_config;
 use eliot_tests::data::expected_messages;
 use eliot_tests::http::{self, metric_sum};
@@ -22,6 +25,12 @@ use serde_json::{json, Value};
 /// the bearer token in variable `token_env`, and device status on
 /// `devices/+/status`.
 fn write_config(dir: &Path, broker: &str, plugins: &Path, client_id: &str, token_env: &str) -> Config {
+    write_config_with(dir, broker, plugins, client_id, token_env, r#""file""#, "")
+}
+
+/// Does the same as [`write_config`] with the pipeline's `sinks` list and
+/// `tables` of TOML appended, for example more sinks.
+fn write_config_with(dir: &Path, broker: &str, plugins: &Path, client_id: &str, token_env: &str, sinks: &str, tables: &str) -> Config {
     let extra = format!(
         r#"
 [admin]
@@ -30,9 +39,10 @@ token_env = "{token_env}"
 
 [devices]
 status_topic = "devices/+/status"
+{tables}
 "#
     );
-    let text = example_config(broker, plugins, client_id, r#""file""#, &extra);
+    let text = example_config(broker, plugins, client_id, sinks, &extra);
     let path = dir.join("eliot.toml");
     std::fs::write(&path, text).unwrap();
     Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
@@ -77,6 +87,24 @@ async fn wait_ready(admin: SocketAddr, ready: bool, timeout: Duration) -> Value 
         assert!(Instant::now() < deadline, "readyz did not turn {ready} within {timeout:?}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Stores a dead letter in the host's store under `dir`, as the host would
+/// after its sink failed, and returns its id. The example pipeline
+/// delivers it on replay, with one record.
+fn store_letter(dir: &Path, device: &str) -> i64 {
+    let store = DeadLetterStore::open_existing(&dir.join("out/dead-letters.sqlite")).unwrap();
+    let message = Message {
+        topic: format!("devices/{device}/telemetry"),
+        payload: format!(r#"{{"device_id": "{device}", "timestamp": "2025-06-05T14:30:00Z", "sensor_type": "gps", "data": {{}}}}"#).into_bytes(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        received_at_ms: 1_749_133_800_000,
+        headers: Vec::new(),
+    };
+    let letter = DeadLetter::new("telemetry".to_owned(), "sink".to_owned(), FailureKind::HostPanic, "stored by the test".to_owned(), message);
+    store.append(&[&letter]).unwrap();
+    store.last_id().unwrap().expect("the letter was stored")
 }
 
 /// Malformed messages from devices bad_001..bad_006, which validate-format
@@ -551,4 +579,317 @@ async fn admin_port_in_use_fails_start() {
     };
     assert!(error.starts_with(&format!("admin.listen: cannot listen on {listen}: ")), "{error}");
     assert!(error.ends_with("choose a free port, or port 0 for any"), "{error}");
+}
+
+/// Maximum wait for the admin server to cut off a slow client: its header
+/// and body timeouts are 5 seconds each, and the rest is room for a busy
+/// machine.
+const CUT_OFF_WITHIN: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_SLOW_TOKEN";
+    const TOKEN: &str = "slow-secret-5be0";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-slow", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+
+    // A connection that never sends a request is closed by the server.
+    let mut idle = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let answer = http::read_until_closed(&mut idle, CUT_OFF_WITHIN).await;
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "{answer:?}");
+
+    // So is one whose headers never end.
+    let answer = http::send_raw(admin, b"GET /healthz HTTP/1.1\r\nHost: eliot\r\n", CUT_OFF_WITHIN).await;
+    assert!(!String::from_utf8_lossy(&answer).contains(" 200 "), "{answer:?}");
+
+    // A body that stops short of its Content-Length gets 408.
+    let slow_body = format!(
+        "POST /api/dead-letters/purge HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\""
+    );
+    let answer = http::send_raw(admin, slow_body.as_bytes(), CUT_OFF_WITHIN).await;
+    let response = http::parse_response(&answer).unwrap_or_else(|| panic!("no response to a slow body: {answer:?}"));
+    assert_eq!(response.status, 408, "{}", response.body);
+    assert!(response.json()["error"].as_str().unwrap().contains("body"), "{}", response.body);
+
+    let health = http::get(admin, "/healthz").await;
+    assert_eq!(health.status, 200, "the server still answers");
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_spare_mqtt() {
+    use eliot_tests::process::HostProcess;
+    use tokio::net::TcpStream;
+
+    const ELIOT: &str = env!("CARGO_BIN_EXE_eliot-under-test");
+    const CAP: usize = eliot::admin::server::MAX_CONNECTIONS;
+    // More idle connections than the host could hold without the cap (the
+    // limit set below leaves room for CAP + 32), and at most the cap plus
+    // the listen backlog (128 in mio 1.2), so that every connect completes.
+    const IDLE: usize = CAP + 112;
+    let mut broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-idle", "ELIOT_OPS_TEST_UNSET_TOKEN");
+    let log = dir.path().join("host.log");
+    let mut host = tokio::task::block_in_place(|| HostProcess::start(Path::new(ELIOT), &dir.path().join("eliot.toml"), &log));
+    let listening = host.log().lines().find(|line| line.contains("admin server listening")).map(str::to_owned).expect("the admin address is logged");
+    let admin: SocketAddr = listening.split("address=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
+    tokio::task::block_in_place(|| host.wait_for_log("watching for plugin and config changes", Duration::from_secs(30)));
+
+    // The host may open the files and sockets it has now, the admin
+    // connections up to the cap, and a few more, such as the files of a
+    // reload or the socket of a reconnect.
+    let baseline = host.open_files();
+    host.limit_open_files((baseline + CAP + 32) as u64);
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for n in 0..IDLE {
+        idle.push(TcpStream::connect(admin).await.unwrap_or_else(|e| panic!("idle connection {n}: {e}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host.open_files() < baseline + CAP {
+        assert!(Instant::now() < deadline, "the host accepted only {} connections", host.open_files() - baseline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // While the connections are open, a config change is reloaded, which
+    // opens the config file.
+    let config = dir.path().join("eliot.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let stages = r#"stages = ["enrich", "validate-format", "sanity-filter"]"#;
+    assert!(text.contains(stages), "{text}");
+    let reordered = text.replace(stages, r#"stages = ["validate-format", "enrich", "sanity-filter"]"#);
+    let temporary = dir.path().join("eliot.toml.new");
+    std::fs::write(&temporary, reordered).unwrap();
+    std::fs::rename(&temporary, &config).unwrap();
+    tokio::task::block_in_place(|| host.wait_for_log("reload applied", Duration::from_secs(60)));
+
+    // The broker restarts while the connections are open: reconnecting
+    // needs a new socket.
+    tokio::task::block_in_place(|| {
+        broker.restart();
+        host.wait_for_log_count("connected to the broker", 2, Duration::from_secs(60));
+    });
+
+    // The server responds again once the idle connections are gone.
+    drop(idle);
+    wait_ready(admin, true, Duration::from_secs(60)).await;
+    tokio::task::block_in_place(|| host.terminate(Duration::from_secs(30)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_takes_each_id_once() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_ONCE_TOKEN";
+    const TOKEN: &str = "once-secret-2a71";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-once", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let output = dir.path().join("out/processed.jsonl");
+    let ids_body = |ids: &[i64]| json!({ "ids": ids }).to_string();
+
+    // A repeated id is replayed once.
+    let id = store_letter(dir.path(), "repeat");
+    let replayed = http::request(admin, "POST", "/api/dead-letters/replay", &auth, Some(&ids_body(&[id, id, id]))).await;
+    assert_eq!(replayed.status, 200, "{}", replayed.body);
+    assert_eq!(replayed.json()["letters"], json!([{"id": id, "outcome": "delivered", "records": 1}]));
+    assert_eq!(replayed.json()["delivered"], 1);
+    assert_eq!(read_complete_lines(&output).len(), 1, "one record for one letter");
+
+    // Once it is gone, replaying it again is 404.
+    let again = http::request(admin, "POST", "/api/dead-letters/replay", &auth, Some(&ids_body(&[id]))).await;
+    assert_eq!(again.status, 404, "{}", again.body);
+    assert!(again.json()["error"].as_str().unwrap().contains(&id.to_string()), "{}", again.body);
+
+    // Three replays of one letter at once: one delivers it, the others
+    // find it gone.
+    let id = store_letter(dir.path(), "race");
+    let body = ids_body(&[id]);
+    let replay = || http::request(admin, "POST", "/api/dead-letters/replay", &auth, Some(&body));
+    let (first, second, third) = tokio::join!(replay(), replay(), replay());
+    let mut statuses = [first.status, second.status, third.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 404, 404], "{}\n{}\n{}", first.body, second.body, third.body);
+    for response in [&first, &second, &third] {
+        assert!(response.json().is_object(), "{}", response.body);
+    }
+    assert_eq!(read_complete_lines(&output).len(), 2, "one record for the second letter");
+
+    // A missing id is 404 for every request that names it.
+    let missing_path = format!("/api/dead-letters/{id}");
+    let missing_replay = format!("/api/dead-letters/{id}/replay");
+    let requests: [(&str, &str, Option<&str>); 4] = [
+        ("POST", &missing_replay, None),
+        ("POST", "/api/dead-letters/replay", Some(&body)),
+        ("POST", "/api/dead-letters/purge", Some(&body)),
+        ("DELETE", &missing_path, None),
+    ];
+    for (method, path, body) in requests {
+        let response = http::request(admin, method, path, &auth, body).await;
+        assert_eq!(response.status, 404, "{method} {path}: {}", response.body);
+        assert!(response.json()["error"].as_str().unwrap().contains(&id.to_string()), "{method} {path}: {}", response.body);
+    }
+
+    // A selection with one missing id changes nothing.
+    let kept = store_letter(dir.path(), "kept");
+    let body = ids_body(&[kept, kept + 1000]);
+    for path in ["/api/dead-letters/replay", "/api/dead-letters/purge"] {
+        let response = http::request(admin, "POST", path, &auth, Some(&body)).await;
+        assert_eq!(response.status, 404, "{path}: {}", response.body);
+        assert!(response.json()["error"].as_str().unwrap().contains(&(kept + 1000).to_string()), "{path}: {}", response.body);
+        assert_eq!(http::get(admin, &format!("/api/dead-letters/{kept}")).await.status, 200, "{path} left {kept} alone");
+    }
+    assert_eq!(read_complete_lines(&output).len(), 2, "nothing more was delivered");
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_replay_skips_letter_cli_replays() {
+    use eliot::deadletter::cli::{execute_to, ConfigArg, DeadLetterCommand, FilterArgs};
+    use eliot_tests::silent_broker::SilentBroker;
+
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_CLAIM_TOKEN";
+    const TOKEN: &str = "claim-secret-6e03";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let republish = r#"
+[sinks.republish]
+type = "mqtt"
+topic = "processed/{payload.device_id}"
+"#;
+    let config = write_config_with(dir.path(), &broker.address(), &plugins, "eliot-ops-claim", TOKEN_ENV, r#""file", "republish""#, republish);
+    let (host, admin) = start_host(config).await;
+    let id = store_letter(dir.path(), "claimed");
+    let output = dir.path().join("out/processed.jsonl");
+
+    // `eliot dead-letters replay ID`, with its MQTT sink on a broker that
+    // never confirms: it wrote the file sink and waits for the PUBACK,
+    // in the middle of replaying the letter.
+    let mut silent = SilentBroker::start().await;
+    let command = DeadLetterCommand::Replay {
+        config: ConfigArg { config: dir.path().join("eliot.toml") },
+        ids: vec![id],
+        filter: FilterArgs::default(),
+        all: false,
+        broker: Some(silent.address()),
+        skip_mqtt_sinks: false,
+    };
+    // The CLI runs in this task, polled beside the steps that follow.
+    let mut out = Vec::new();
+    let mut cli = Box::pin(execute_to(command, &mut out));
+    tokio::select! {
+        result = &mut cli => panic!("the CLI replay ended before it published: {result:?}"),
+        () = silent.wait_publishes(1, Duration::from_secs(60)) => {}
+    }
+    assert_eq!(read_complete_lines(&output).len(), 1, "the CLI wrote its record");
+
+    // The API leaves the letter to the CLI.
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let path = format!("/api/dead-letters/{id}/replay");
+    let api_replay = http::request(admin, "POST", &path, &auth, None);
+    let replayed = tokio::select! {
+        result = &mut cli => panic!("the CLI replay ended while the API replayed: {result:?}"),
+        response = api_replay => response,
+    };
+    assert_eq!(replayed.status, 200, "{}", replayed.body);
+    let summary = replayed.json();
+    assert_eq!(summary["delivered"], 0, "{summary}");
+    assert_eq!(summary["skipped"], 1, "{summary}");
+    assert_eq!(summary["letters"][0]["outcome"], "skipped", "{summary}");
+    assert!(summary["letters"][0]["reason"].as_str().unwrap().contains("another replay"), "{summary}");
+    assert_eq!(read_complete_lines(&output).len(), 1, "the API wrote no second record");
+
+    // The CLI stops as if it were killed, and the letter stays in the
+    // store.
+    drop(cli);
+    assert_eq!(http::get(admin, &format!("/api/dead-letters/{id}")).await.status, 200);
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_json() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_ERRORS_TOKEN";
+    const TOKEN: &str = "errors-secret-9c14";
+    std::env::set_var(TOKEN_ENV, TOKEN);
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-errors", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+    let bearer = format!("Bearer {TOKEN}");
+
+    let too_large = "99999999999999999999";
+    // Method, path, whether the token is sent, expected status, and a text
+    // the error must contain.
+    let cases: [(&str, String, bool, u16, &str); 11] = [
+        ("GET", "/api/dead-letters/abc".to_owned(), false, 400, "\"abc\""),
+        ("GET", format!("/api/dead-letters/{too_large}"), false, 400, too_large),
+        ("GET", "/api/dead-letters?limit=many".to_owned(), false, 400, "limit"),
+        ("GET", "/api/dead-letters?colour=red".to_owned(), false, 400, "colour"),
+        ("GET", "/api/nothing-here".to_owned(), false, 404, "/api/nothing-here"),
+        ("PUT", "/api/dead-letters/1".to_owned(), true, 405, "PUT"),
+        ("POST", "/api/dead-letters/abc/replay".to_owned(), true, 400, "\"abc\""),
+        ("DELETE", format!("/api/dead-letters/{too_large}"), true, 400, too_large),
+        // Without the token: 401 before the path is read.
+        ("POST", "/api/dead-letters/abc/replay".to_owned(), false, 401, "bearer token"),
+        ("DELETE", format!("/api/dead-letters/{too_large}"), false, 401, "bearer token"),
+        ("POST", "/api/dead-letters/purge".to_owned(), false, 401, "bearer token"),
+    ];
+    for (method, path, with_token, status, text) in cases {
+        let headers: &[(&str, &str)] = if with_token { &[("Authorization", &bearer)] } else { &[] };
+        let response = http::request(admin, method, &path, headers, None).await;
+        assert_eq!(response.status, status, "{method} {path}: {}", response.body);
+        assert_eq!(response.header("content-type"), Some("application/json"), "{method} {path}: {}", response.body);
+        let error = response.json()["error"].as_str().unwrap_or_else(|| panic!("{method} {path}: no error text: {}", response.body)).to_owned();
+        assert!(error.contains(text), "{method} {path}: {error}");
+        if status == 405 {
+            assert!(response.header("allow").is_some_and(|allow| allow.contains("DELETE")), "{method} {path}: {:?}", response.headers);
+        }
+    }
+
+    // A body over the limit is rejected from its Content-Length, and
+    // without the token the request is rejected before the body.
+    let large_head = |auth: &str| format!("POST /api/dead-letters/purge HTTP/1.0\r\n{auth}Content-Type: application/json\r\nContent-Length: 3000000\r\n\r\n");
+    for (auth, status) in [(format!("Authorization: {bearer}\r\n"), 413), (String::new(), 401)] {
+        let answer = http::send_raw(admin, large_head(&auth).as_bytes(), CUT_OFF_WITHIN).await;
+        let response = http::parse_response(&answer).unwrap_or_else(|| panic!("no response: {answer:?}"));
+        assert_eq!(response.status, status, "{}", response.body);
+        assert!(response.json()["error"].is_string(), "{}", response.body);
+    }
+    host.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_ignores_whitespace_and_case() {
+    const TOKEN_ENV: &str = "ELIOT_OPS_TEST_FILE_TOKEN";
+    const TOKEN: &str = "file-secret-0d4e";
+    // As read from a secret file that ends with a line break.
+    std::env::set_var(TOKEN_ENV, format!("{TOKEN}\n"));
+    let broker = Mosquitto::start();
+    let plugins = tokio::task::spawn_blocking(build_examples).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &broker.address(), &plugins, "eliot-ops-file-token", TOKEN_ENV);
+    let (host, admin) = start_host(config).await;
+
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let id = store_letter(dir.path(), "token");
+        let header = format!("{scheme} {TOKEN}");
+        let deleted = http::request(admin, "DELETE", &format!("/api/dead-letters/{id}"), &[("Authorization", &header)], None).await;
+        assert_eq!((deleted.status, deleted.json()), (200, json!({"purged": 1})), "scheme {scheme}");
+    }
+    let wrong = http::request(admin, "DELETE", "/api/dead-letters/1", &[("Authorization", "bearer file-secret")], None).await;
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    host.shutdown(Duration::from_secs(10)).await;
 }

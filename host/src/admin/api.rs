@@ -5,14 +5,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, Admin, ApiError};
-use crate::deadletter::replay::{self, LetterOutcome, ReplayOptions, Selection};
+use super::request::{ApiQuery, DeadLetterId};
+use super::{Admin, ApiError};
+use crate::deadletter::replay::{self, LetterOutcome, LettersNotFound, ReplayOptions, Selection};
 use crate::deadletter::{FailureKind, ListFilter};
 use crate::wasm::LoadedPlugin;
 
@@ -193,7 +194,7 @@ impl FilterParams {
 /// `GET /api/dead-letters?pipeline=&stage=&kind=&topic_prefix=&limit=&after_id=`.
 pub(super) async fn list_dead_letters(
     State(admin): State<Admin>,
-    Query(params): Query<FilterParams>,
+    ApiQuery(params): ApiQuery<FilterParams>,
 ) -> ApiResult {
     let filter = params.to_filter(Some(DEFAULT_LIMIT))?;
     let store = &admin.state.dead_letters;
@@ -210,7 +211,10 @@ pub(super) async fn list_dead_letters(
 }
 
 /// `GET /api/dead-letters/{id}`.
-pub(super) async fn show_dead_letter(State(admin): State<Admin>, Path(id): Path<i64>) -> ApiResult {
+pub(super) async fn show_dead_letter(
+    State(admin): State<Admin>,
+    DeadLetterId(id): DeadLetterId,
+) -> ApiResult {
     match admin
         .state
         .dead_letters
@@ -226,6 +230,20 @@ fn not_found(id: i64) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!("dead letter {id} not found; list them with GET /api/dead-letters"),
+    )
+}
+
+/// Builds the 404 error for a selection of ids of which `missing` are not
+/// in the store, so nothing was done. It is the client's mistake, so it is
+/// not logged.
+fn letters_not_found(missing: &[i64], done: &str) -> ApiError {
+    let ids: Vec<String> = missing.iter().map(i64::to_string).collect();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "dead letters not found: {}; nothing was {done}; list them with GET /api/dead-letters",
+            ids.join(", ")
+        ),
     )
 }
 
@@ -251,7 +269,7 @@ impl SelectionBody {
     fn to_selection(&self) -> Result<Selection, ApiError> {
         let usage = "send exactly one of {\"ids\": [1, 2]}, {\"filter\": {\"pipeline\": \"NAME\"}} or {\"all\": true}";
         match (&self.ids, &self.filter, self.all) {
-            (Some(ids), None, false) if !ids.is_empty() => Ok(Selection::Ids(ids.clone())),
+            (Some(ids), None, false) if !ids.is_empty() => Ok(Selection::ids(ids.clone())),
             (Some(_), None, false) => {
                 Err(ApiError::bad_request(format!("\"ids\" is empty; {usage}")))
             }
@@ -272,15 +290,8 @@ impl SelectionBody {
 
 /// `POST /api/dead-letters/replay`: sends the selected dead letters through
 /// their pipeline again, as `eliot dead-letters replay` does. Needs the
-/// bearer token.
-pub(super) async fn replay(
-    State(admin): State<Admin>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    // The token is checked before the body is read, so that a request
-    // without it gets 401 whatever it sends.
-    authorize(&admin.state, &headers)?;
+/// bearer token, which [`super::auth::require_token`] checks.
+pub(super) async fn replay(State(admin): State<Admin>, body: axum::body::Bytes) -> ApiResult {
     let selection = SelectionBody::parse(&body)?.to_selection()?;
     run_replay(&admin, &selection).await
 }
@@ -288,22 +299,17 @@ pub(super) async fn replay(
 /// `POST /api/dead-letters/{id}/replay`. Needs the bearer token.
 pub(super) async fn replay_one(
     State(admin): State<Admin>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
+    DeadLetterId(id): DeadLetterId,
 ) -> ApiResult {
-    authorize(&admin.state, &headers)?;
-    if admin
-        .state
-        .dead_letters
-        .get(id)
-        .map_err(ApiError::internal)?
-        .is_none()
-    {
-        return Err(not_found(id));
-    }
     run_replay(&admin, &Selection::Ids(vec![id])).await
 }
 
+/// Replays `selection`, one replay of this host at a time.
+///
+/// # Errors
+///
+/// 404 when a selected id is not in the store, and 422 with the reason
+/// when the replay fails, for example because a plugin does not load.
 async fn run_replay(admin: &Admin, selection: &Selection) -> ApiResult {
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
@@ -326,6 +332,9 @@ async fn run_replay(admin: &Admin, selection: &Selection) -> ApiResult {
     )
     .await
     .map_err(|e| {
+        if let Some(not_found) = e.downcast_ref::<LettersNotFound>() {
+            return letters_not_found(&not_found.ids, "replayed");
+        }
         let text = format!("{e:#}");
         tracing::error!(error = %text, "dead-letter replay through the admin API failed");
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, text)
@@ -374,20 +383,23 @@ fn outcome_json(id: i64, outcome: &LetterOutcome) -> Value {
 }
 
 /// `POST /api/dead-letters/purge`: deletes the selected dead letters.
-/// Needs the bearer token.
-pub(super) async fn purge(
-    State(admin): State<Admin>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    // The token is checked before the body is read, so that a request
-    // without it gets 401 whatever it sends.
-    authorize(&admin.state, &headers)?;
+/// Needs the bearer token. A selection by ids deletes nothing unless every
+/// id exists, as `eliot dead-letters purge` does.
+pub(super) async fn purge(State(admin): State<Admin>, body: axum::body::Bytes) -> ApiResult {
     let selection = SelectionBody::parse(&body)?.to_selection()?;
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
     let purged = match &selection {
-        Selection::Ids(ids) => state.dead_letters.delete(ids),
+        Selection::Ids(ids) => {
+            let missing = state
+                .dead_letters
+                .missing(ids)
+                .map_err(ApiError::internal)?;
+            if !missing.is_empty() {
+                return Err(letters_not_found(&missing, "purged"));
+            }
+            state.dead_letters.delete(ids)
+        }
         Selection::Filter(filter) => state.dead_letters.purge(filter),
     }
     .map_err(ApiError::internal)?;
@@ -398,10 +410,8 @@ pub(super) async fn purge(
 /// `DELETE /api/dead-letters/{id}`. Needs the bearer token.
 pub(super) async fn delete_dead_letter(
     State(admin): State<Admin>,
-    headers: HeaderMap,
-    Path(id): Path<i64>,
+    DeadLetterId(id): DeadLetterId,
 ) -> ApiResult {
-    authorize(&admin.state, &headers)?;
     let state = &admin.state;
     let _one_at_a_time = state.mutation.lock().await;
     match state

@@ -233,14 +233,8 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
             let store = open_store(&config.config)?;
             let purged = match selection {
                 Selection::Ids(ids) => {
-                    let missing: Vec<String> = ids
-                        .iter()
-                        .filter_map(|&id| match store.get(id) {
-                            Ok(Some(_)) => None,
-                            Ok(None) => Some(Ok(id.to_string())),
-                            Err(e) => Some(Err(e)),
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let missing: Vec<String> =
+                        store.missing(&ids)?.iter().map(i64::to_string).collect();
                     if !missing.is_empty() {
                         bail!(
                             "dead letters not found in {}: {}; nothing was purged",
@@ -267,12 +261,10 @@ pub async fn execute_to(command: DeadLetterCommand, out: &mut dyn Write) -> anyh
 /// Repeated ids count once.
 fn selection(
     command: &str,
-    mut ids: Vec<i64>,
+    ids: Vec<i64>,
     filter: FilterArgs,
     all: bool,
 ) -> anyhow::Result<Selection> {
-    let mut seen = std::collections::HashSet::new();
-    ids.retain(|id| seen.insert(*id));
     let filter = filter.into_filter();
     let has_filter = !filter.matches_everything();
     if all && (has_filter || !ids.is_empty()) {
@@ -290,7 +282,7 @@ fn selection(
              --topic-prefix) or --all"
         );
     }
-    Ok(Selection::Ids(ids))
+    Ok(Selection::ids(ids))
 }
 
 /// Opens the store that `config_file` names, reading only the key

@@ -9,10 +9,17 @@
 //! Letters are handled in batches, and the store is changed only after the
 //! batch's outputs are flushed to the file sinks and confirmed by the
 //! broker, so a crash in between delivers some outputs twice but loses none.
+//!
+//! Before a batch runs, its letters are claimed in the store (see
+//! [`DeadLetterStore::claim`]). A letter that another replay has claimed,
+//! in this process or another, is skipped, so that two replays at the same moment
+//! (the admin API and `eliot dead-letters replay`, say) never both send it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
@@ -28,12 +35,59 @@ use crate::wasm::{LoadedPlugin, Message, Runtime};
 /// in memory with its payloads, up to `mqtt.max_packet_bytes` each.
 const BATCH: usize = 64;
 
+/// Time after which a replay renews the claims of its batch, checked
+/// between letters. It is far below [`super::store::CLAIM_EXPIRY`], so a
+/// running replay keeps its letters unless one letter runs for minutes.
+const CLAIM_RENEWAL: Duration = Duration::from_secs(30);
+
+/// Replays started by this process, for the names of their claims.
+static REPLAYS_STARTED: AtomicU64 = AtomicU64::new(0);
+
 /// The dead letters a replay takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
     Ids(Vec<i64>),
     Filter(ListFilter),
 }
+
+impl Selection {
+    /// Selects `ids`, each once, in the order of their first occurrence.
+    pub fn ids(mut ids: Vec<i64>) -> Self {
+        let mut seen = HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        Self::Ids(ids)
+    }
+}
+
+/// Some dead letters that a replay selected by id are not in the store, so
+/// nothing was replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LettersNotFound {
+    /// The store's file.
+    pub path: PathBuf,
+    pub ids: Vec<i64>,
+}
+
+impl LettersNotFound {
+    /// Returns the ids as a comma-separated list.
+    pub fn id_list(&self) -> String {
+        let ids: Vec<String> = self.ids.iter().map(i64::to_string).collect();
+        ids.join(", ")
+    }
+}
+
+impl std::fmt::Display for LettersNotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dead letters not found in {}: {}; nothing was replayed",
+            self.path.display(),
+            self.id_list()
+        )
+    }
+}
+
+impl std::error::Error for LettersNotFound {}
 
 /// The broker settings of a replay's MQTT sinks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,13 +140,17 @@ impl ReplaySummary {
 /// `config`, and calls `report` for each letter once the store reflects its
 /// outcome.
 ///
+/// Letters that another replay has claimed, or that were deleted after the
+/// replay started, are reported as skipped.
+///
 /// # Errors
 ///
-/// Fails before anything is replayed when a selected id does not exist, a
-/// plugin does not load, a file sink cannot be opened, or an MQTT sink has
-/// no reachable broker (see [`ReplayOptions`]). Fails during the replay when
-/// a sink write or the store fails. The batch in progress then stays in the
-/// store unchanged, and batches before it are done.
+/// Fails before anything is replayed when a selected id does not exist
+/// (with [`LettersNotFound`]), a plugin does not load, a file sink cannot
+/// be opened, or an MQTT sink has no reachable broker (see
+/// [`ReplayOptions`]). Fails during the replay when a sink write or the
+/// store fails. The batch in progress then stays in the store unchanged,
+/// and batches before it are done.
 pub async fn replay(
     config: &Config,
     store: &DeadLetterStore,
@@ -116,12 +174,17 @@ pub async fn replay(
     let mut summary = ReplaySummary::default();
     let result = match (chosen, selection) {
         (Some(letters), _) => {
-            for batch in letters.chunks(BATCH) {
-                replayer
-                    .replay_batch(store, batch, &mut summary, &mut report)
-                    .await?;
+            let ids: Vec<i64> = letters.iter().map(|letter| letter.id).collect();
+            let mut result = Ok(());
+            for batch in ids.chunks(BATCH) {
+                result = replayer
+                    .replay_ids(store, batch, &mut summary, &mut report)
+                    .await;
+                if result.is_err() {
+                    break;
+                }
             }
-            Ok(summary)
+            result.map(|()| summary)
         }
         (None, Selection::Filter(filter)) => {
             replay_filtered(&mut replayer, store, filter, &mut summary, &mut report)
@@ -134,21 +197,27 @@ pub async fn replay(
     result
 }
 
+/// Reads the letters `ids`, each once.
+///
+/// # Errors
+///
+/// [`LettersNotFound`] when any of them is not in the store.
 fn read_ids(store: &DeadLetterStore, ids: &[i64]) -> anyhow::Result<Vec<StoredDeadLetter>> {
     let mut letters = Vec::with_capacity(ids.len());
     let mut missing = Vec::new();
-    for &id in ids {
+    let mut seen = HashSet::new();
+    for &id in ids.iter().filter(|id| seen.insert(**id)) {
         match store.get(id)? {
             Some(letter) => letters.push(letter),
-            None => missing.push(id.to_string()),
+            None => missing.push(id),
         }
     }
     if !missing.is_empty() {
-        bail!(
-            "dead letters not found in {}: {}; nothing was replayed",
-            store.path().display(),
-            missing.join(", ")
-        );
+        return Err(LettersNotFound {
+            path: store.path().to_owned(),
+            ids: missing,
+        }
+        .into());
     }
     Ok(letters)
 }
@@ -179,9 +248,8 @@ async fn replay_filtered(
         let Some(last) = letters.last() else { break };
         after_id = Some(last.id);
         remaining -= letters.len();
-        replayer
-            .replay_batch(store, &letters, summary, report)
-            .await?;
+        let ids: Vec<i64> = letters.iter().map(|letter| letter.id).collect();
+        replayer.replay_ids(store, &ids, summary, report).await?;
     }
     Ok(())
 }
@@ -215,6 +283,12 @@ struct Replayer {
     routes: BTreeMap<String, Route>,
     files: BTreeMap<String, FileSink>,
     publisher: Option<Publisher>,
+    /// Name under which this replay claims letters in the store: the
+    /// process id and a count of this process's replays, so that no two
+    /// running replays share it.
+    claimer: String,
+    /// When the claims of the current batch were taken or last renewed.
+    claims_renewed: Instant,
     // Kept alive for the epoch ticker and the compiled components.
     _runtime: Option<Arc<Runtime>>,
 }
@@ -232,11 +306,14 @@ impl Replayer {
             .iter()
             .filter_map(|name| config.pipelines.get(name))
             .collect();
+        let replay_number = REPLAYS_STARTED.fetch_add(1, Ordering::Relaxed) + 1;
         let mut replayer = Self {
             config_file: config.file.clone(),
             routes: BTreeMap::new(),
             files: BTreeMap::new(),
             publisher: None,
+            claimer: format!("pid {} replay {replay_number}", std::process::id()),
+            claims_renewed: Instant::now(),
             _runtime: None,
         };
         if present.is_empty() {
@@ -334,6 +411,67 @@ impl Replayer {
         Ok(replayer)
     }
 
+    /// Claims the letters `ids`, replays the ones it got, and releases the
+    /// claims that remain afterwards, also when the batch fails. Letters
+    /// that another replay has claimed, or that are gone, are reported as
+    /// skipped.
+    async fn replay_ids(
+        &mut self,
+        store: &DeadLetterStore,
+        ids: &[i64],
+        summary: &mut ReplaySummary,
+        report: &mut impl FnMut(i64, &LetterOutcome),
+    ) -> anyhow::Result<()> {
+        let claimed = store.claim(ids, &self.claimer, crate::clock::now_ms())?;
+        self.claims_renewed = Instant::now();
+        for expired in &claimed.taken_over {
+            tracing::warn!(
+                id = expired.id,
+                claimer = %expired.claimer,
+                claimed_at = %crate::clock::rfc3339_ms(expired.claimed_at_ms),
+                "took over the expired claim of a replay that stopped; the letter may have been delivered once already"
+            );
+        }
+        for claim in &claimed.claimed_by_others {
+            let reason = format!(
+                "another replay is sending it ({} claimed it at {})",
+                claim.claimer,
+                crate::clock::rfc3339_ms(claim.claimed_at_ms)
+            );
+            let outcome = LetterOutcome::Skipped { reason };
+            summary.add(&outcome);
+            report(claim.id, &outcome);
+        }
+        for &id in &claimed.missing {
+            let reason =
+                "it is no longer in the store; another replay or a purge removed it".to_owned();
+            let outcome = LetterOutcome::Skipped { reason };
+            summary.add(&outcome);
+            report(id, &outcome);
+        }
+
+        let result = self
+            .replay_batch(store, &claimed.letters, summary, report)
+            .await;
+        // Delivered and dropped letters are gone with their claims. The
+        // claims of the others end here, so the next replay can take them.
+        let claimed_ids: Vec<i64> = claimed.letters.iter().map(|letter| letter.id).collect();
+        let released = store.release(&claimed_ids, &self.claimer);
+        result?;
+        released?;
+        Ok(())
+    }
+
+    /// Renews the claims of the batch when [`CLAIM_RENEWAL`] has passed
+    /// since they were taken or last renewed.
+    fn renew_claims_when_due(&mut self, store: &DeadLetterStore) -> anyhow::Result<()> {
+        if self.claims_renewed.elapsed() >= CLAIM_RENEWAL {
+            store.renew_claims(&self.claimer, crate::clock::now_ms())?;
+            self.claims_renewed = Instant::now();
+        }
+        Ok(())
+    }
+
     async fn replay_batch(
         &mut self,
         store: &DeadLetterStore,
@@ -344,10 +482,12 @@ impl Replayer {
         let mut outcomes = Vec::with_capacity(letters.len());
         let mut deliveries = Vec::new();
         for letter in letters {
+            self.renew_claims_when_due(store)?;
             let outcome = self.run_letter(letter, &mut deliveries).await?;
             outcomes.push((letter, outcome));
         }
 
+        self.renew_claims_when_due(store)?;
         self.deliver(&deliveries).await?;
 
         let mut finished = Vec::new();

@@ -7,14 +7,21 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use rusqlite::types::Value;
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::{DeadLetter, FailureKind};
 use crate::wasm::{Message, Qos};
 
 /// Schema version kept in `PRAGMA user_version`. Version 0 is a new, empty
-/// database file.
-pub const SCHEMA_VERSION: i64 = 1;
+/// database file. Version 2 added the replay claims, and a version 1 file
+/// is migrated when it is opened.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Age at which a replay's claim on a dead letter expires, so that the
+/// claim of a replay that died (a killed `eliot dead-letters replay`, a
+/// host that crashed in an API replay) blocks its letters for this long
+/// and no longer. A running replay renews its claims well within it.
+pub const CLAIM_EXPIRY: Duration = Duration::from_secs(5 * 60);
 
 /// How long a statement waits for another connection's write lock, for
 /// example the host's while the CLI purges.
@@ -38,9 +45,20 @@ CREATE TABLE dead_letters (
     -- JSON array of [name, value] pairs.
     headers TEXT NOT NULL,
     replay_count INTEGER NOT NULL DEFAULT 0,
-    last_replayed_at_ms INTEGER
+    last_replayed_at_ms INTEGER,
+    -- The replay that is sending the letter now and when it claimed it, or
+    -- NULL. See DeadLetterStore::claim.
+    claimed_by TEXT,
+    claimed_at_ms INTEGER
 );
 CREATE INDEX dead_letters_by_origin ON dead_letters (pipeline, stage, kind);
+";
+
+/// Turns a version 1 file into version 2. Adding a column that may be NULL
+/// leaves every row as it is.
+const MIGRATION_TO_2: &str = "
+ALTER TABLE dead_letters ADD COLUMN claimed_by TEXT;
+ALTER TABLE dead_letters ADD COLUMN claimed_at_ms INTEGER;
 ";
 
 const COLUMNS: &str =
@@ -176,6 +194,32 @@ impl StoredDeadLetter {
     }
 }
 
+/// The dead letters that a replay asked to claim, by what became of each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Claimed {
+    /// Letters now claimed by the caller, as stored at the moment of the
+    /// claim, in the order asked for.
+    pub letters: Vec<StoredDeadLetter>,
+    /// Letters that another replay has claimed, with its claim.
+    pub claimed_by_others: Vec<ReplayClaim>,
+    /// Ids that are not in the store.
+    pub missing: Vec<i64>,
+    /// The expired claims of other replays that the caller took over; their
+    /// letters are in `letters`.
+    pub taken_over: Vec<ReplayClaim>,
+}
+
+/// A replay's claim on one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayClaim {
+    pub id: i64,
+    /// The name the replay claimed it under.
+    pub claimer: String,
+    /// When it claimed or last renewed it, in milliseconds since the Unix
+    /// epoch.
+    pub claimed_at_ms: u64,
+}
+
 /// The new failure of a dead letter that failed again when replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayFailure {
@@ -277,8 +321,8 @@ impl DeadLetterStore {
             .pragma_update(None, "synchronous", "FULL")
             .map_err(store_error("set synchronous = FULL"))?;
 
-        if version == 0 {
-            create_schema(&connection).map_err(store_error("create the schema"))?;
+        if version < SCHEMA_VERSION {
+            migrate(&connection).map_err(store_error("create or migrate the schema"))?;
         }
         Ok(Self {
             path: path.to_owned(),
@@ -376,6 +420,151 @@ impl DeadLetterStore {
     pub fn get(&self, id: i64) -> Result<Option<StoredDeadLetter>, DeadLetterError> {
         let sql = format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1");
         Ok(self.query_letters(&sql, vec![Value::Integer(id)])?.pop())
+    }
+
+    /// Returns the ids of `ids` that are not in the store, in the order
+    /// given.
+    ///
+    /// # Errors
+    ///
+    /// The SQLite error.
+    pub fn missing(&self, ids: &[i64]) -> Result<Vec<i64>, DeadLetterError> {
+        let connection = self.lock();
+        let mut exists = connection
+            .prepare_cached("SELECT 1 FROM dead_letters WHERE id = ?1")
+            .map_err(self.sqlite_error("prepare the query"))?;
+        let mut missing = Vec::new();
+        for &id in ids {
+            if !exists
+                .exists([id])
+                .map_err(self.sqlite_error("look up a dead letter"))?
+            {
+                missing.push(id);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Claims the dead letters `ids` for the replay named `claimer`, in one
+    /// write transaction, so that two replays, in this process or in
+    /// another, never send the same letter at once. A letter that another
+    /// replay claimed is left to it, unless that claim is older than
+    /// [`CLAIM_EXPIRY`] at `now_ms`; then it is taken over. Repeated ids
+    /// count once.
+    ///
+    /// The claims end when the letters are deleted, or with
+    /// [`DeadLetterStore::release`].
+    ///
+    /// # Errors
+    ///
+    /// The SQLite error, or [`DeadLetterError::InvalidRow`]; then nothing
+    /// is claimed.
+    pub fn claim(
+        &self,
+        ids: &[i64],
+        claimer: &str,
+        now_ms: u64,
+    ) -> Result<Claimed, DeadLetterError> {
+        let expiry_ms = u64::try_from(CLAIM_EXPIRY.as_millis()).unwrap_or(u64::MAX);
+        let expired_at_or_before = to_sql_ms(now_ms.saturating_sub(expiry_ms));
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sqlite_error("begin a transaction"))?;
+        let mut claimed = Claimed::default();
+        let mut seen = std::collections::HashSet::new();
+        {
+            let mut read = transaction
+                .prepare_cached("SELECT claimed_by, claimed_at_ms FROM dead_letters WHERE id = ?1")
+                .map_err(self.sqlite_error("prepare the query"))?;
+            let mut take = transaction
+                .prepare_cached(
+                    "UPDATE dead_letters SET claimed_by = ?2, claimed_at_ms = ?3 WHERE id = ?1",
+                )
+                .map_err(self.sqlite_error("prepare the claim"))?;
+            let sql = format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?1");
+            for &id in ids.iter().filter(|id| seen.insert(**id)) {
+                let claim: Option<(Option<String>, Option<i64>)> = read
+                    .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+                    .map_err(self.sqlite_error("read a claim"))?;
+                let Some(claim) = claim else {
+                    claimed.missing.push(id);
+                    continue;
+                };
+                if let (Some(other), Some(at)) = claim {
+                    if other != claimer {
+                        let existing = ReplayClaim {
+                            id,
+                            claimer: other,
+                            claimed_at_ms: from_sql_ms(at),
+                        };
+                        if at > expired_at_or_before {
+                            claimed.claimed_by_others.push(existing);
+                            continue;
+                        }
+                        claimed.taken_over.push(existing);
+                    }
+                }
+                take.execute(params![id, claimer, to_sql_ms(now_ms)])
+                    .map_err(self.sqlite_error("claim a dead letter"))?;
+                claimed.letters.extend(self.read_letters(
+                    &transaction,
+                    &sql,
+                    vec![Value::Integer(id)],
+                )?);
+            }
+        }
+        transaction
+            .commit()
+            .map_err(self.sqlite_error("commit the claims"))?;
+        Ok(claimed)
+    }
+
+    /// Renews every claim of `claimer` to `now_ms`, so that they do not
+    /// expire while its replay runs, and returns how many there are.
+    ///
+    /// # Errors
+    ///
+    /// The SQLite error.
+    pub fn renew_claims(&self, claimer: &str, now_ms: u64) -> Result<usize, DeadLetterError> {
+        self.lock()
+            .execute(
+                "UPDATE dead_letters SET claimed_at_ms = ?2 WHERE claimed_by = ?1",
+                params![claimer, to_sql_ms(now_ms)],
+            )
+            .map_err(self.sqlite_error("renew claims"))
+    }
+
+    /// Ends the claims of `claimer` on `ids`, and returns how many it held.
+    /// Claims of other replays stay.
+    ///
+    /// # Errors
+    ///
+    /// The SQLite error; then no claim is released.
+    pub fn release(&self, ids: &[i64], claimer: &str) -> Result<usize, DeadLetterError> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sqlite_error("begin a transaction"))?;
+        let mut released = 0;
+        {
+            let mut release = transaction
+                .prepare_cached(
+                    "UPDATE dead_letters SET claimed_by = NULL, claimed_at_ms = NULL \
+                     WHERE id = ?1 AND claimed_by = ?2",
+                )
+                .map_err(self.sqlite_error("prepare the release"))?;
+            for &id in ids {
+                released += release
+                    .execute(params![id, claimer])
+                    .map_err(self.sqlite_error("release a claim"))?;
+            }
+        }
+        transaction
+            .commit()
+            .map_err(self.sqlite_error("commit the released claims"))?;
+        Ok(released)
     }
 
     /// Deletes the dead letters with these ids in one transaction and
@@ -513,6 +702,17 @@ impl DeadLetterStore {
         values: Vec<Value>,
     ) -> Result<Vec<StoredDeadLetter>, DeadLetterError> {
         let connection = self.lock();
+        self.read_letters(&connection, sql, values)
+    }
+
+    /// Runs the query `sql`, which selects [`COLUMNS`], on `connection`,
+    /// which the caller has locked.
+    fn read_letters(
+        &self,
+        connection: &Connection,
+        sql: &str,
+        values: Vec<Value>,
+    ) -> Result<Vec<StoredDeadLetter>, DeadLetterError> {
         let mut statement = connection
             .prepare_cached(sql)
             .map_err(self.sqlite_error("prepare the query"))?;
@@ -528,14 +728,21 @@ impl DeadLetterStore {
     }
 }
 
-fn create_schema(connection: &Connection) -> rusqlite::Result<()> {
+/// Creates the schema in a new file, or migrates an older one to
+/// [`SCHEMA_VERSION`].
+fn migrate(connection: &Connection) -> rusqlite::Result<()> {
     // IMMEDIATE takes the write lock first, so of two processes that open a
-    // new file at once, the second one finds the schema the first created.
+    // file at once, the second one finds the schema the first created or
+    // migrated.
     let transaction =
         rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    if version == 0 {
-        transaction.execute_batch(SCHEMA)?;
+    match version {
+        0 => transaction.execute_batch(SCHEMA)?,
+        1 => transaction.execute_batch(MIGRATION_TO_2)?,
+        _ => {}
+    }
+    if version < SCHEMA_VERSION {
         transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     transaction.commit()

@@ -569,15 +569,15 @@ fn newer_schema_is_rejected() {
     let path = dir.path().join("dead-letters.sqlite");
     Connection::open(&path)
         .unwrap()
-        .pragma_update(None, "user_version", 2)
+        .pragma_update(None, "user_version", 3)
         .unwrap();
     let error = DeadLetterStore::open(&path)
         .err()
-        .expect("version 2 is newer");
+        .expect("version 3 is newer");
     assert_eq!(
         error.to_string(),
         format!(
-            "dead-letter store {} has schema version 2, but this eliot reads version 1; use the eliot version \
+            "dead-letter store {} has schema version 3, but this eliot reads version 2; use the eliot version \
              that wrote it",
             path.display()
         )
@@ -631,4 +631,176 @@ fn orphaned_wal_is_not_replayed() {
         .append(&[&letter("p", "s", FailureKind::Invalid, "t", b"")])
         .unwrap();
     assert_eq!(store.count(&ListFilter::default()).unwrap(), 1);
+}
+
+/// Opens a second store on the same file, as `eliot dead-letters` in
+/// another process does.
+fn second_store(store: &DeadLetterStore) -> DeadLetterStore {
+    DeadLetterStore::open_existing(store.path()).unwrap()
+}
+
+const CLAIMED_AT_MS: u64 = 1_749_133_800_000;
+
+#[test]
+fn claim_skips_letters_held_elsewhere() {
+    let (_dir, store) = temp_store();
+    fill(&store);
+    let all = ids(&store.list(&ListFilter::default()).unwrap());
+    let other = second_store(&store);
+
+    let first = store.claim(&all[..3], "api", CLAIMED_AT_MS).unwrap();
+    assert_eq!(ids(&first.letters), &all[..3]);
+    assert!(first.claimed_by_others.is_empty(), "{first:?}");
+    assert!(first.missing.is_empty(), "{first:?}");
+    assert!(first.taken_over.is_empty(), "{first:?}");
+
+    // The other process gets only the letter that no replay has claimed.
+    let second = other
+        .claim(&all[2..4], "cli", CLAIMED_AT_MS + 1000)
+        .unwrap();
+    assert_eq!(ids(&second.letters), [all[3]]);
+    assert_eq!(
+        second.claimed_by_others,
+        [ReplayClaim {
+            id: all[2],
+            claimer: "api".to_owned(),
+            claimed_at_ms: CLAIMED_AT_MS,
+        }]
+    );
+
+    // Once released, the letter can be claimed again. Claims of other
+    // replays stay.
+    assert_eq!(other.release(&all[..4], "cli").unwrap(), 1);
+    assert_eq!(store.release(&[all[2]], "api").unwrap(), 1);
+    let third = other
+        .claim(&all[2..4], "cli", CLAIMED_AT_MS + 2000)
+        .unwrap();
+    assert_eq!(ids(&third.letters), &all[2..4]);
+    let fourth = store
+        .claim(&all[..2], "cli-2", CLAIMED_AT_MS + 3000)
+        .unwrap();
+    assert!(fourth.letters.is_empty(), "{fourth:?}");
+    assert_eq!(fourth.claimed_by_others.len(), 2);
+}
+
+#[test]
+fn claim_reports_missing_and_repeats() {
+    let (_dir, store) = temp_store();
+    fill(&store);
+    let all = ids(&store.list(&ListFilter::default()).unwrap());
+    store.delete(&[all[1]]).unwrap();
+
+    let claimed = store
+        .claim(&[all[0], all[1], all[0], 9999], "api", CLAIMED_AT_MS)
+        .unwrap();
+    assert_eq!(ids(&claimed.letters), [all[0]], "a repeated id counts once");
+    assert_eq!(claimed.missing, [all[1], 9999]);
+    assert_eq!(
+        store.missing(&[all[0], all[1], 9999]).unwrap(),
+        [all[1], 9999]
+    );
+}
+
+#[test]
+fn expired_claim_is_taken_over() {
+    let (_dir, store) = temp_store();
+    fill(&store);
+    let id = ids(&store.list(&ListFilter::default()).unwrap())[0];
+    let expiry_ms = CLAIM_EXPIRY.as_millis() as u64;
+    store.claim(&[id], "died", CLAIMED_AT_MS).unwrap();
+
+    let at_expiry = store
+        .claim(&[id], "next", CLAIMED_AT_MS + expiry_ms - 1)
+        .unwrap();
+    assert!(at_expiry.letters.is_empty(), "the claim still holds");
+
+    let after = store
+        .claim(&[id], "next", CLAIMED_AT_MS + expiry_ms)
+        .unwrap();
+    assert_eq!(ids(&after.letters), [id]);
+    assert_eq!(
+        after.taken_over,
+        [ReplayClaim {
+            id,
+            claimer: "died".to_owned(),
+            claimed_at_ms: CLAIMED_AT_MS,
+        }]
+    );
+}
+
+#[test]
+fn renewed_claim_does_not_expire() {
+    let (_dir, store) = temp_store();
+    fill(&store);
+    let id = ids(&store.list(&ListFilter::default()).unwrap())[0];
+    let expiry_ms = CLAIM_EXPIRY.as_millis() as u64;
+    store.claim(&[id], "slow", CLAIMED_AT_MS).unwrap();
+    assert_eq!(
+        store
+            .renew_claims("slow", CLAIMED_AT_MS + expiry_ms - 1)
+            .unwrap(),
+        1
+    );
+
+    let other = store
+        .claim(&[id], "next", CLAIMED_AT_MS + expiry_ms)
+        .unwrap();
+    assert!(other.letters.is_empty(), "{other:?}");
+}
+
+#[test]
+fn version_1_file_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dead-letters.sqlite");
+    // The schema of version 1, with one row.
+    let old = Connection::open(&path).unwrap();
+    old.execute_batch(
+        "CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            stored_at_ms INTEGER NOT NULL,
+            pipeline TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            topic TEXT,
+            topic_bytes BLOB NOT NULL,
+            payload BLOB NOT NULL,
+            qos INTEGER NOT NULL CHECK (qos IN (0, 1, 2)),
+            retain INTEGER NOT NULL CHECK (retain IN (0, 1)),
+            received_at_ms INTEGER NOT NULL,
+            headers TEXT NOT NULL,
+            replay_count INTEGER NOT NULL DEFAULT 0,
+            last_replayed_at_ms INTEGER
+        );
+        CREATE INDEX dead_letters_by_origin ON dead_letters (pipeline, stage, kind);
+        INSERT INTO dead_letters (stored_at_ms, pipeline, stage, kind, reason, topic, topic_bytes, payload, qos,
+            retain, received_at_ms, headers, replay_count)
+        VALUES (1, 'telemetry', 'validate-format', 'invalid', 'no', 't', X'74', X'7b7d', 1, 0, 2, '[]', 3);
+        PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(old);
+
+    let store = DeadLetterStore::open_existing(&path).unwrap();
+    let letters = store.list(&ListFilter::default()).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].payload, b"{}");
+    assert_eq!(letters[0].replay_count, 3);
+    let claimed = store.claim(&[letters[0].id], "api", CLAIMED_AT_MS).unwrap();
+    assert_eq!(claimed.letters, letters);
+    drop(store);
+
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    // Opening the migrated file again changes nothing.
+    assert_eq!(
+        DeadLetterStore::open_existing(&path)
+            .unwrap()
+            .list(&ListFilter::default())
+            .unwrap(),
+        letters
+    );
 }
