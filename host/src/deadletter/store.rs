@@ -85,6 +85,11 @@ pub enum DeadLetterError {
          use the eliot version that wrote it"
     )]
     NewerSchema { path: PathBuf, found: i64 },
+    #[error(
+        "{path} is an SQLite database of something else: it has tables but no Eliot schema version; \
+         name a new file in dead_letters.path, or move that file away"
+    )]
+    ForeignDatabase { path: PathBuf },
     #[error("dead-letter store {path}: cannot {operation}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -234,6 +239,15 @@ pub struct ReplayFailure {
 pub struct DeadLetterStore {
     path: PathBuf,
     connection: Mutex<Connection>,
+    /// Device and inode of the file the connection has open, to notice a
+    /// file removed or replaced under a running host.
+    file: Mutex<Option<(u64, u64)>>,
+}
+
+/// Device and inode of the file at `path`, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl DeadLetterStore {
@@ -305,6 +319,22 @@ impl DeadLetterStore {
                 found: version,
             });
         }
+        // Version 0 is a new file, or another program's database, which
+        // must not get Eliot's tables (or WAL mode) added to it.
+        if version == 0 {
+            let tables: i64 = connection
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(store_error("read the list of tables"))?;
+            if tables > 0 {
+                return Err(DeadLetterError::ForeignDatabase {
+                    path: path.to_owned(),
+                });
+            }
+        }
 
         // WAL lets the CLI read and purge while the host appends. The mode
         // is stored in the file; setting it again is a no-op.
@@ -327,7 +357,33 @@ impl DeadLetterStore {
         Ok(Self {
             path: path.to_owned(),
             connection: Mutex::new(connection),
+            file: Mutex::new(file_id(path)),
         })
+    }
+
+    /// Opens the store again when its file was removed or replaced since it
+    /// was opened (an operator's `rm`, a restore from a backup). Writing on
+    /// would put the dead letters into a file nobody can reach any more,
+    /// and they are the only copy of their messages.
+    fn reopen_if_replaced(&self, connection: &mut Connection) -> Result<(), DeadLetterError> {
+        let mut known = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let now = file_id(&self.path);
+        if now.is_some() && now == *known {
+            return Ok(());
+        }
+        tracing::error!(
+            path = %self.path.display(),
+            "the dead-letter store's file was removed or replaced while the host ran; opening {} again, \
+             and new dead letters go there",
+            self.path.display()
+        );
+        let fresh = Self::open(&self.path)?;
+        *connection = fresh
+            .connection
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        *known = fresh.file.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -357,6 +413,7 @@ impl DeadLetterStore {
     /// The SQLite error; the caller must not acknowledge the messages then.
     pub fn append(&self, letters: &[&DeadLetter]) -> Result<(), DeadLetterError> {
         let mut connection = self.lock();
+        self.reopen_if_replaced(&mut connection)?;
         let transaction = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sqlite_error("begin a transaction"))?;

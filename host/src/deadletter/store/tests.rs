@@ -804,3 +804,65 @@ fn version_1_file_is_migrated() {
         letters
     );
 }
+
+#[test]
+fn removed_file_is_opened_again_before_the_next_append() {
+    let (dir, store) = temp_store();
+    let path = dir.path().join("dead-letters.sqlite");
+    let first = letter(
+        "telemetry",
+        "enrich",
+        FailureKind::Trap,
+        "devices/a/telemetry",
+        b"1",
+    );
+    store.append(&[&first]).unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let second = letter(
+        "telemetry",
+        "enrich",
+        FailureKind::Trap,
+        "devices/b/telemetry",
+        b"2",
+    );
+    store.append(&[&second]).unwrap();
+
+    // A second reader, as the CLI is, finds the new letter in the new file.
+    let reader = DeadLetterStore::open_existing(&path).unwrap();
+    let letters = reader.list(&ListFilter::default()).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].message().unwrap().payload, b"2");
+}
+
+#[test]
+fn another_programs_database_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.sqlite");
+    let other = Connection::open(&path).unwrap();
+    other
+        .execute_batch("CREATE TABLE readings (id INTEGER PRIMARY KEY, value REAL);")
+        .unwrap();
+    drop(other);
+    let before = std::fs::read(&path).unwrap();
+
+    for result in [
+        DeadLetterStore::open(&path),
+        DeadLetterStore::open_existing(&path),
+    ] {
+        let error = result
+            .err()
+            .expect("a foreign database is refused")
+            .to_string();
+        assert!(
+            error.contains("is an SQLite database of something else"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file is unchanged"
+    );
+}
