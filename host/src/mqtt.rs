@@ -195,10 +195,28 @@ fn request<E: std::fmt::Display>(result: Result<(), E>) -> Result<(), RequestErr
 }
 
 impl Client {
-    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), RequestError> {
+    /// Subscribes to `filter`. A broker sends the retained messages of the
+    /// filter with the SUBACK; with `retained_again` false, an MQTT 5
+    /// broker sends them only when the subscription is new, not when a
+    /// reconnect renews one that the kept session still has, so that they
+    /// are not processed once per reconnect. MQTT 3.1.1 has no such option:
+    /// its brokers send them on every subscribe.
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        qos: QoS,
+        retained_again: bool,
+    ) -> Result<(), RequestError> {
         match self {
             Self::V311(client) => request(client.subscribe(filter, qos).await),
-            Self::V5(client) => request(client.subscribe(filter, to_v5(qos)).await),
+            Self::V5(client) => {
+                let mut subscription = rumqttc::v5::mqttbytes::v5::Filter::new(filter, to_v5(qos));
+                if !retained_again {
+                    subscription.retain_forward_rule =
+                        rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
+                }
+                request(client.subscribe_many([subscription]).await)
+            }
         }
     }
 

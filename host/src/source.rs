@@ -139,6 +139,8 @@ pub async fn run(
     // Filters subscribed on this connection, with their QoS.
     let mut subscribed: Subscriptions = BTreeMap::new();
     let mut filters_changed = false;
+    // ConnAcks on this source so far: the first has no session to expect.
+    let mut connects = 0u64;
     loop {
         if std::mem::take(&mut filters_changed) {
             let pipelines = set.current();
@@ -184,6 +186,18 @@ pub async fn run(
                 backoff.reset();
                 ack_queue.new_connection();
                 tracing::info!(session_present, "connected to the broker");
+                if !session_present && connects > 0 {
+                    // A reconnect found no session: the broker dropped it (it
+                    // restarted without persistence, the session expired, or
+                    // another client took over this client id), and with it
+                    // what it had queued for the host meanwhile.
+                    tracing::warn!(
+                        "the broker kept no session for this client id; messages queued for the host while it \
+                         was away are gone, unless a short mqtt.session_expiry_secs ended the session on purpose \
+                         (check the broker's persistence and that no other client uses this client id)"
+                    );
+                }
+                connects += 1;
                 // Subscribe on every connect, also when the broker kept the
                 // session: the configuration may have gained filters since.
                 // Subscribing again to a kept filter replaces it and keeps
@@ -345,7 +359,13 @@ async fn follow_filters(
         }
         // The request only fails once the event loop is gone, and then the
         // next ConnAck subscribes again.
-        match client.subscribe(filter.as_str(), *qos).await {
+        // The device status topic's retained messages are wanted again
+        // after a restart, which keeps the session but not the registry.
+        let status = events
+            .status_topic
+            .as_ref()
+            .is_some_and(|f| f.as_str() == filter);
+        match client.subscribe(filter.as_str(), *qos, status).await {
             Ok(()) => queued.push(filter.clone()),
             Err(e) => tracing::error!(filter, error = %e, "subscribe request failed"),
         }

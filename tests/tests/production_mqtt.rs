@@ -444,6 +444,72 @@ async fn republish_topic_with_control_character_is_dead_lettered_before_writing(
     assert_eq!(numbers(&records).into_keys().collect::<Vec<_>>(), vec![0, 3], "only the delivered messages are in the file");
 }
 
+/// Publishes one retained QoS 1 message and waits for its PUBACK.
+async fn publish_retained(port: u16, topic: &str, payload: &[u8]) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(format!("retainer-{}", std::process::id()), "127.0.0.1", port), 10);
+    client.publish(topic, QoS::AtLeastOnce, true, payload.to_vec()).await.unwrap();
+    tokio::time::timeout(DELIVERY_TIMEOUT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("the retained publish failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the retained publish acknowledged in time");
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
+/// A retained message is processed once on MQTT 5, not again after each
+/// reconnect: the host asks the broker to send retained messages only for
+/// a subscription that is new, and the kept session's one is not. MQTT
+/// 3.1.1 has no such option, so there the broker sends it again with the
+/// renewed subscription, and it is processed twice (at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_after_reconnect_once_on_mqtt5() {
+    for (protocol, expected) in [("5", 2), ("3.1.1", 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Mosquitto::builder().persistence(true).verbose_log(true).start();
+        let client_id = format!("eliot-retained-{}", protocol.replace('.', ""));
+        let mqtt = format!("protocol = \"{protocol}\"");
+        let config = load(&write_config(dir.path(), &broker.address(), &client_id, &mqtt, "\"file\"", ""));
+        let host = start_connected(config).await;
+        let output = dir.path().join("out/processed.jsonl");
+        let topic = "devices/d0/telemetry";
+        publish_retained(broker.port(), topic, br#"{"n":0}"#).await;
+        wait_for_records(&output, 1).await;
+
+        // The restarted broker has the host's session; the host connects
+        // again and renews its subscription.
+        broker.restart();
+        let suback = format!("Sending SUBACK to {client_id}");
+        let deadline = std::time::Instant::now() + DELIVERY_TIMEOUT;
+        while broker.log().matches(&suback).count() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the host did not subscribe again:\n{}", broker.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // After the SUBACK, on the same topic, so the same worker: a
+        // retained copy sent with the subscription comes before it.
+        publish(broker.port(), vec![(topic.to_owned(), br#"{"n":1}"#.to_vec())]).await;
+        let output_path = output.clone();
+        let records = tokio::task::spawn_blocking(move || {
+            wait_until("the message after the reconnect", DELIVERY_TIMEOUT, || {
+                read_complete_lines(&output_path).iter().any(|line| line.contains(r#""n":1"#))
+            });
+            read_complete_lines(&output_path)
+        })
+        .await
+        .unwrap();
+        host.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(records.len(), expected, "MQTT {protocol}: {records:#?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_user_properties_round_trip() {
     let dir = tempfile::tempdir().unwrap();
