@@ -1247,6 +1247,37 @@ impl Validator<'_> {
                         "grant an existing folder or remove the entry",
                     );
                 }
+                // The guest path is where the plugin sees the folder: an
+                // absolute path without `.` or `..`, and not the root, which
+                // would hide every other grant.
+                let guest = Path::new(&dir.guest);
+                let plain = guest.is_absolute()
+                    && guest.components().skip(1).count() > 0
+                    && guest.components().all(|c| {
+                        matches!(
+                            c,
+                            std::path::Component::RootDir | std::path::Component::Normal(_)
+                        )
+                    });
+                if !plain {
+                    self.error(
+                        format!("plugins.{name}.grants.read_dirs"),
+                        format!(
+                            "guest path \"{}\" is not an absolute path below /",
+                            dir.guest
+                        ),
+                        "write where the plugin sees the folder, for example guest = \"/data\"",
+                    );
+                }
+            }
+            for variable in &grants.env {
+                if variable.is_empty() || variable.contains(['=', '\0']) {
+                    self.error(
+                        format!("plugins.{name}.grants.env"),
+                        format!("{variable:?} is not an environment variable name"),
+                        "name a variable without '=' or NUL, for example \"SENSOR_REGION\"",
+                    );
+                }
             }
             plugins.insert(
                 name.clone(),
@@ -1835,6 +1866,26 @@ path = "out/processed.jsonl"
             ),
             "{errors:#?}"
         );
+    }
+
+    #[test]
+    fn meaningless_grants_are_rejected() {
+        let text = VALID.replace(
+            "file = \"enrich.wasm\"",
+            "file = \"enrich.wasm\"\ngrants = { env = [\"\", \"A=B\", \"OK\"], read_dirs = [{ host = \"plugins\", guest = \"\" }, { host = \"plugins\", guest = \"/\" }, { host = \"plugins\", guest = \"/../etc\" }, { host = \"plugins\", guest = \"data\" }, { host = \"plugins\", guest = \"/data\" }] }",
+        );
+        let (_file, errors) = errors(&text);
+        let guests: Vec<&String> = errors
+            .iter()
+            .filter(|e| e.contains("is not an absolute path below /"))
+            .collect();
+        assert_eq!(guests.len(), 4, "{errors:#?}");
+        let names: Vec<&String> = errors
+            .iter()
+            .filter(|e| e.contains("is not an environment variable name"))
+            .collect();
+        assert_eq!(names.len(), 2, "{errors:#?}");
+        assert_eq!(errors.len(), 6, "{errors:#?}");
     }
 
     #[test]
