@@ -457,8 +457,16 @@ sinks = ["file"]
         replace_atomically(&config, removed.as_bytes());
         s.host().wait_for_log_count("reload applied", 2, WAIT);
         s.host().wait_for_log("unsubscribed: no pipeline reads this filter any more", WAIT);
+        s.host().wait_for_log("pipeline finished every message it held", WAIT);
     });
     let log = setup.host().log();
+    // The removed pipeline's last counts are logged, since the periodic
+    // counts line only reads running pipelines.
+    let last_counts = log.lines().find(|line| line.contains("pipeline finished every message it held")).unwrap();
+    assert!(
+        last_counts.contains("pipeline=second received=200 delivered=200 records_out=200 dropped=0 dead_lettered=0"),
+        "{last_counts}"
+    );
     // The summary is quoted in the log, so its quotes are escaped.
     assert!(log.contains(r#"pipeline \"second\" added"#), "log:\n{log}");
     assert!(log.contains(r#"pipeline \"second\" removed"#), "log:\n{log}");
