@@ -431,7 +431,7 @@ async fn republish_topic_with_control_character_is_dead_lettered_before_writing(
     };
     host.shutdown(Duration::from_secs(10)).await;
     assert_eq!((stats.received, stats.delivered, stats.dead_lettered), (4, 2, 2));
-    let letters = eliot_tests::dead_letters::read_all(&dir.path().join("out/dead-letters.sqlite"));
+    let letters = eliot_tests::dead_letters::read_all(dir.path().join("out/dead-letters.sqlite"));
     assert_eq!(letters.len(), 2);
     for (letter, refused) in letters.iter().zip(["'\\n'", "'\\u{7}'"]) {
         assert_eq!(letter["stage"], "sink:republish", "{letter}");

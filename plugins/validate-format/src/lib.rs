@@ -62,6 +62,10 @@ struct Reading<'a> {
     timestamp: Cow<'a, str>,
     #[serde(borrow)]
     sensor_type: Cow<'a, str>,
+    #[allow(
+        dead_code,
+        reason = "deserializing it is the check that `data` is an object"
+    )]
     data: AnObject,
 }
 
