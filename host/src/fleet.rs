@@ -93,11 +93,11 @@ pub const DEFAULT_MAX_DEVICES: usize = 100_000;
 /// update or one read of the whole map; both are short.
 ///
 /// The registry lives in memory, so it starts empty after a restart. It is
-/// bounded because device ids come from topics and payloads, which anyone
-/// allowed to publish chooses: at the limit, the least recently seen tenth
-/// is forgotten at once, so that the sort this takes is paid once per
-/// tenth of the limit of new devices, not per message. A forgotten device
-/// that sends again is new, with its count from then on.
+/// bounded, because device ids come from topics and payloads, which any
+/// client allowed to publish chooses. At the limit, the least recently
+/// seen tenth is forgotten at once. The sort this takes is then paid once
+/// per tenth of the limit of new devices, not per message. A forgotten
+/// device that sends again is new, with its count from then on.
 #[derive(Debug)]
 pub struct Fleet {
     devices: Mutex<BTreeMap<String, Device>>,
@@ -251,7 +251,8 @@ mod tests {
             "{:?}",
             devices.keys()
         );
-        assert!(devices.contains_key("d00") && devices.contains_key("new"));
+        assert!(devices.contains_key("d00"));
+        assert!(devices.contains_key("new"));
         // A known device never evicts.
         fleet.message("d05", 301);
         assert_eq!(fleet.evicted.get(), 2);
