@@ -884,10 +884,10 @@ fn normalize(path: &Path) -> PathBuf {
     normal
 }
 
-/// The compiled-component cache when `runtime.cache_dir` is not set: the
-/// user's cache folder as the XDG base directory specification defines it,
-/// so that a configuration copied anywhere (say /etc/eliot) does not write
-/// next to itself.
+/// Returns the compiled-component cache for an unset `runtime.cache_dir`:
+/// the user's cache folder as the XDG base directory specification defines
+/// it, so that a configuration copied anywhere (say /etc/eliot) does not
+/// write next to itself.
 fn default_cache_dir() -> Option<PathBuf> {
     let absolute = |name: &str| {
         std::env::var_os(name)

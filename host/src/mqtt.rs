@@ -195,12 +195,12 @@ fn request<E: std::fmt::Display>(result: Result<(), E>) -> Result<(), RequestErr
 }
 
 impl Client {
-    /// Subscribes to `filter`. A broker sends the retained messages of the
-    /// filter with the SUBACK; with `retained_again` false, an MQTT 5
-    /// broker sends them only when the subscription is new, not when a
-    /// reconnect renews one that the kept session still has, so that they
-    /// are not processed once per reconnect. MQTT 3.1.1 has no such option:
-    /// its brokers send them on every subscribe.
+    /// Subscribes to `filter`. A broker sends the filter's retained
+    /// messages with the SUBACK. With `retained_again` false, an MQTT 5
+    /// broker sends them only for a new subscription, not when a reconnect
+    /// renews one that the kept session still has. They are then not
+    /// processed once per reconnect. MQTT 3.1.1 has no such option: its
+    /// brokers send them on every subscribe.
     pub async fn subscribe(
         &self,
         filter: &str,

@@ -363,7 +363,7 @@ impl DeadLetterStore {
 
     /// Opens the store again when its file was removed or replaced since it
     /// was opened (an operator's `rm`, a restore from a backup). Writing on
-    /// would put the dead letters into a file nobody can reach any more,
+    /// would put the dead letters into a file that no path names any more,
     /// and they are the only copy of their messages.
     fn reopen_if_replaced(&self, connection: &mut Connection) -> Result<(), DeadLetterError> {
         let mut known = self.file.lock().unwrap_or_else(|e| e.into_inner());

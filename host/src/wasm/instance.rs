@@ -247,7 +247,7 @@ impl LoadedPlugin {
                 plugin: plugin.clone(),
                 path: config.path.clone(),
                 // The first line names the problem; the rest is a dump of
-                // bytes, which helps nobody reading a config error.
+                // bytes, which does not help a reader of a config error.
                 reason: {
                     let text = format!("{e:#}");
                     let first = text.lines().next().unwrap_or_default();

@@ -100,14 +100,14 @@ struct Reading<'a> {
 }
 
 impl SanityFilter {
-    /// Tells whether `payload` passes as it is: an object whose `data` has
+    /// Checks whether `payload` passes as it is: an object whose `data` has
     /// every ranged field that is present as a number in its range, and no
     /// field that a conversion replaces. That is the common case, and it
     /// needs neither a tree of the whole payload nor writing it again. On
-    /// `false` the caller takes the full path, which finds the reason, or
-    /// converts, or takes what this refuses to judge: a top level not
-    /// written as an object, which serde would read as a sequence too, or
-    /// `data` given twice.
+    /// `false` the caller takes the full path, which finds the reason or
+    /// converts. The full path also judges what serde reads differently
+    /// from a JSON tree: a top level not written as an object (serde takes
+    /// a sequence too), and `data` given twice.
     fn passes_unchanged(&self, payload: &[u8]) -> bool {
         // serde_json skips the strings of ignored fields without checking
         // their UTF-8, which the full parse checks.

@@ -93,12 +93,12 @@ impl<'de> Deserialize<'de> for AnObject {
 }
 
 impl ValidateFormat {
-    /// Tells whether `payload` is valid, the quick way: `true` only for a
-    /// payload that [`Self::check`] accepts too. On `false` the caller runs
-    /// `check`, which words the reason. Anything the quick way is unsure
-    /// of (a top level that is not written as an object, which serde would
-    /// take as a sequence too, or a field given twice, which serde refuses
-    /// and `check` takes the last of) goes to `check` as well.
+    /// Checks `payload` the quick way: `true` only for a payload that
+    /// [`Self::check`] accepts too. On `false` the caller runs `check`,
+    /// which words the reason. Two cases go to `check` as well, because
+    /// serde reads them differently from a JSON tree: a top level not
+    /// written as an object (serde takes a sequence too), and a field given
+    /// twice (serde refuses it, `check` takes the last one).
     fn accepts(&self, payload: &[u8]) -> bool {
         if payload.len() as u64 > self.config.max_payload_bytes {
             return false;
