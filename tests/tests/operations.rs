@@ -290,6 +290,10 @@ async fn metrics_and_devices_match_real_data() {
     let rest = http::get(admin, &format!("/api/dead-letters?stage=validate-format&after_id={next}")).await.json();
     assert_eq!(rest["dead_letters"].as_array().unwrap().len(), 2);
     assert_eq!(rest["next_after_id"], Value::Null);
+    // A page that ends exactly at the last letter has no next page.
+    let exact = http::get(admin, &format!("/api/dead-letters?stage=validate-format&after_id={next}&limit=2")).await.json();
+    assert_eq!(exact["dead_letters"].as_array().unwrap().len(), 2);
+    assert_eq!(exact["next_after_id"], Value::Null);
     let bad_kind = http::get(admin, "/api/dead-letters?kind=broken").await;
     assert_eq!(bad_kind.status, 400);
     assert!(bad_kind.json()["error"].as_str().unwrap().contains("kind \"broken\" is not a failure kind"), "{}", bad_kind.body);

@@ -196,11 +196,18 @@ pub(super) async fn list_dead_letters(
     State(admin): State<Admin>,
     ApiQuery(params): ApiQuery<FilterParams>,
 ) -> ApiResult {
-    let filter = params.to_filter(Some(DEFAULT_LIMIT))?;
+    let mut filter = params.to_filter(Some(DEFAULT_LIMIT))?;
     let store = &admin.state.dead_letters;
-    let letters = store.list(&filter).map_err(ApiError::internal)?;
-    let next_after_id = match (letters.last(), filter.limit) {
-        (Some(last), Some(limit)) if letters.len() == limit => Some(last.id),
+    // One row more than asked for tells whether another page exists, so
+    // that a page that ends exactly at the last letter has no next page.
+    let limit = filter.limit;
+    filter.limit = limit.map(|limit| limit + 1);
+    let mut letters = store.list(&filter).map_err(ApiError::internal)?;
+    let next_after_id = match limit {
+        Some(limit) if letters.len() > limit => {
+            letters.truncate(limit);
+            letters.last().map(|last| last.id)
+        }
         _ => None,
     };
     let letters: Vec<Value> = letters.iter().map(|letter| letter.to_json()).collect();
