@@ -339,20 +339,8 @@ async fn log_counts_periodically(host: &Host) {
 fn log_counts(
     pipelines: &std::collections::BTreeMap<String, std::sync::Arc<crate::stats::PipelineStats>>,
 ) {
-    for (name, stats) in pipelines
-        .iter()
-        .map(|(name, stats)| (name, stats.snapshot()))
-    {
-        tracing::info!(
-            pipeline = %name,
-            received = stats.received,
-            delivered = stats.delivered,
-            records_out = stats.records_out,
-            dropped = stats.dropped,
-            dead_lettered = stats.dead_lettered,
-            device_key_missing = stats.device_key_missing,
-            "pipeline counts"
-        );
+    for (name, stats) in pipelines {
+        stats.snapshot().log(name, "pipeline counts");
     }
 }
 

@@ -949,16 +949,9 @@ async fn sink_loop(
     // Every worker has ended: the pipeline was removed by a reload, or the
     // host stops. Its counters end with it, so they are logged here; the
     // periodic "pipeline counts" line only reads the running pipelines.
-    let counts = stats.snapshot();
-    tracing::info!(
-        pipeline = %pipeline,
-        received = counts.received,
-        delivered = counts.delivered,
-        records_out = counts.records_out,
-        dropped = counts.dropped,
-        dead_lettered = counts.dead_lettered,
-        "pipeline finished every message it held"
-    );
+    stats
+        .snapshot()
+        .log(&pipeline, "pipeline finished every message it held");
 }
 
 /// Writes one batch: outputs to the sinks, failures to the dead letters,

@@ -57,6 +57,22 @@ pub struct StatsSnapshot {
     pub device_key_missing: u64,
 }
 
+impl StatsSnapshot {
+    /// Logs the counts of `pipeline` at INFO as one line with `message`.
+    pub fn log(&self, pipeline: &str, message: &str) {
+        tracing::info!(
+            pipeline = %pipeline,
+            received = self.received,
+            delivered = self.delivered,
+            records_out = self.records_out,
+            dropped = self.dropped,
+            dead_lettered = self.dead_lettered,
+            device_key_missing = self.device_key_missing,
+            "{message}"
+        );
+    }
+}
+
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
