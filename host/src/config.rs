@@ -130,8 +130,8 @@ struct RawDevicesConfig {
     max_tracked: Option<usize>,
 }
 
-/// The device status subscription, which tells whether a device is online,
-/// and the size of the device registry.
+/// Device settings: the status subscription, which reports whether a
+/// device is online, and the size of the device registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicesConfig {
     /// Filter of the topics on which devices publish `online` and `offline`
@@ -1247,9 +1247,9 @@ impl Validator<'_> {
                         "grant an existing folder or remove the entry",
                     );
                 }
-                // The guest path is where the plugin sees the folder: an
-                // absolute path without `.` or `..`, and not the root, which
-                // would hide every other grant.
+                // The guest path is the folder's path inside the sandbox. It
+                // must be absolute, without `.` or `..`, and not the root,
+                // because a mount at / would hide every other grant.
                 let guest = Path::new(&dir.guest);
                 let plain = guest.is_absolute()
                     && guest.components().skip(1).count() > 0
@@ -1783,7 +1783,7 @@ path = "out/processed.jsonl"
     }
 
     #[test]
-    fn shared_subscription_in_topics_points_to_share_group() {
+    fn share_filter_in_topics_rejected() {
         let text = VALID.replace("devices/+/telemetry", "$share/grp/devices/+/telemetry");
         let (file, errors) = errors(&text);
         assert_eq!(
@@ -1798,7 +1798,7 @@ path = "out/processed.jsonl"
     }
 
     #[test]
-    fn over_long_client_id_and_filter_are_rejected() {
+    fn overlong_client_id_and_filter_rejected() {
         let long = "x".repeat(MQTT_MAX_STRING_BYTES + 1);
         let text = VALID
             .replace(
@@ -1815,7 +1815,7 @@ path = "out/processed.jsonl"
     }
 
     #[test]
-    fn unusable_and_shared_output_files_are_rejected() {
+    fn unusable_output_files_rejected() {
         let text = VALID
             .replace("path = \"out/dead.jsonl\"", "path = \"\"")
             .replace("sinks = [\"file\"]", "sinks = [\"file\", \"file\", \"again\", \"folder\", \"below-a-file\"]")
@@ -2032,7 +2032,7 @@ path = "out/processed.jsonl"
     }
 
     #[test]
-    fn missing_plugin_names_the_layer_of_the_plugin_folder() {
+    fn missing_plugin_names_folder_layer() {
         let (dir, checked) = check_with(
             "[runtime]\nplugin_dir = \"/nonexistent/plugins\"\n",
             &layers(Some("dev"), &[]),
@@ -2399,7 +2399,7 @@ path = "out/processed.jsonl"
     }
 
     #[test]
-    fn password_in_a_file_never_appears_in_errors() {
+    fn file_password_never_in_errors() {
         for (line, secret) in [
             ("password = 98765432123", "98765432123"),
             ("password = \"S3cr3tPw!xyz", "S3cr3tPw"),

@@ -234,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn full_registry_forgets_the_least_recently_seen_tenth() {
+    fn full_registry_forgets_oldest_tenth() {
         let fleet = Fleet::new(20);
         for n in 0..20u64 {
             fleet.message(&format!("d{n:02}"), 100 + n);

@@ -31,7 +31,7 @@ pub fn create(
         );
     }
     if lang == Lang::Rust && RUST_KEYWORDS.contains(&name) {
-        bail!("plugin name \"{name}\" is a Rust keyword, which cargo refuses as a package name; choose another name");
+        bail!("plugin name \"{name}\" is a Rust keyword, which cargo rejects as a package name; choose another name");
     }
     let folder = parent.join(name);
     if folder.exists() {
@@ -363,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn keywords_and_taken_package_names_are_rejected() {
+    fn keyword_and_taken_names_rejected() {
         let dir = tempfile::tempdir().unwrap();
         for name in ["self", "type", "crate"] {
             let error = create(name, Lang::Rust, dir.path(), None).unwrap_err();

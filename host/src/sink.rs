@@ -146,10 +146,10 @@ impl TopicTemplate {
     }
 }
 
-/// Tells whether MQTT says `c` must not (U+0000) or should not (control
-/// characters, non-characters) appear in a UTF-8 string of a packet. A
-/// broker may close the connection of a client that sends one, and
-/// Mosquitto does, so a publish with one would fail on every retry.
+/// Checks whether the MQTT specification forbids `c` (U+0000) or
+/// discourages it (control characters, non-characters) in a UTF-8 string
+/// of a packet. A broker may close the connection of a client that sends
+/// one, and Mosquitto does, so a publish with one would fail on every retry.
 fn refused_by_brokers(c: char) -> bool {
     let code = u32::from(c);
     code <= 0x1f

@@ -309,7 +309,7 @@ fn new_plugin_skeletons_build_and_load() {
 /// Arguments that cannot work are refused before a build that takes
 /// minutes, with the argument and the fix named.
 #[test]
-fn plugin_build_refuses_bad_arguments_at_once() {
+fn plugin_build_rejects_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, "").unwrap();

@@ -1,8 +1,9 @@
-//! Operating the host through its admin server: /metrics against a run of
-//! the real sensor data, readiness across a broker outage, the devices
-//! endpoint, a dead-letter replay through the API, the bearer token of
-//! the mutating endpoints, JSON errors, and the limits that keep slow or
-//! idle clients from starving the MQTT side.
+//! Operating the host through its admin server. The tests cover /metrics
+//! against a run of the real sensor data, readiness across a broker
+//! outage, the devices endpoint and a dead-letter replay through the API.
+//! They also cover the bearer token of the mutating endpoints, JSON
+//! errors, and the limits that keep slow or idle clients from starving
+//! the MQTT side.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -387,7 +387,7 @@ async fn topic_device_key_sets_header_or_falls_back() {
 /// pipeline matches: the host counts each and acknowledges it, so that the
 /// broker does not hold them for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscription_kept_from_older_config_is_counted_as_unrouted() {
+async fn kept_subscription_counted_unrouted() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let config = |filter: &str| {

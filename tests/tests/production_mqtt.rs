@@ -408,7 +408,7 @@ async fn acl_limits_reads_and_republishes() {
 /// message: the file sink holds only what was delivered, and the republish
 /// connection is not closed by the broker over and over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn republish_topic_with_control_character_is_dead_lettered_before_writing() {
+async fn control_character_topic_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
     let tail = "\n[sinks.republish]\ntype = \"mqtt\"\ntopic = \"processed/{payload.device}\"\n";
@@ -466,12 +466,13 @@ async fn publish_retained(port: u16, topic: &str, payload: &[u8]) {
 }
 
 /// A retained message is processed once on MQTT 5, not again after each
-/// reconnect: the host asks the broker to send retained messages only for
-/// a subscription that is new, and the kept session's one is not. MQTT
-/// 3.1.1 has no such option, so there the broker sends it again with the
-/// renewed subscription, and it is processed twice (at least once).
+/// reconnect. The host subscribes with Retain Handling 1, so the broker
+/// sends retained messages only for a new subscription, and the kept
+/// session's one is not new. MQTT 3.1.1 has no such option, so there the
+/// broker sends it again with the renewed subscription, and it is
+/// processed twice (at least once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retained_message_after_reconnect_once_on_mqtt5() {
+async fn retained_message_once_on_mqtt5() {
     for (protocol, expected) in [("5", 2), ("3.1.1", 3)] {
         let dir = tempfile::tempdir().unwrap();
         let mut broker = Mosquitto::builder().persistence(true).verbose_log(true).start();

@@ -4,7 +4,7 @@
 //! letters' kinds and reasons, and the order of what reached the file sink.
 
 // Each test holds a guard of `PROCESS_MEMORY` (below) from start to end,
-// across its awaits, on purpose: the lock orders whole tests, which run on
+// across its awaits, on purpose. The lock orders whole tests, which run on
 // separate threads with their own runtimes, so no task of the same runtime
 // waits for it.
 #![allow(clippy::await_holding_lock)]

@@ -198,8 +198,9 @@ pub(super) async fn list_dead_letters(
 ) -> ApiResult {
     let mut filter = params.to_filter(Some(DEFAULT_LIMIT))?;
     let store = &admin.state.dead_letters;
-    // One row more than asked for tells whether another page exists, so
-    // that a page that ends exactly at the last letter has no next page.
+    // Reading one row more than the limit shows whether another page
+    // exists, so a page that ends exactly at the last letter has no next
+    // page.
     let limit = filter.limit;
     filter.limit = limit.map(|limit| limit + 1);
     let mut letters = store.list(&filter).map_err(ApiError::internal)?;

@@ -35,6 +35,7 @@ pub fn registry(state: Arc<AdminState>) -> Registry {
         "Input messages stored as dead letters, by the stage that failed and the kind of failure",
         events.dead_lettered.clone(),
     );
+
     registry.register(
         "eliot_stage_messages_in",
         "Messages handed to a stage",
@@ -51,6 +52,7 @@ pub fn registry(state: Arc<AdminState>) -> Registry {
         Unit::Seconds,
         events.stage_duration.clone(),
     );
+
     registry.register(
         "eliot_device_status_changes",
         "Device status changes read from the status topic, by new status",
@@ -71,6 +73,7 @@ pub fn registry(state: Arc<AdminState>) -> Registry {
         "Messages the broker delivered that no pipeline's filter matches; acknowledged and ignored",
         events.unrouted.clone(),
     );
+
     registry.register_collector(Box::new(HostCollector { state }));
     registry
 }

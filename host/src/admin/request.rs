@@ -1,7 +1,7 @@
-//! What the API reads from a request, with every failure returned in the
-//! API's JSON error shape: the request body within a time and size limit,
-//! the dead-letter id of a path, the query string, and the errors for an
-//! unknown path or method.
+//! Request extractors of the API: the request body within a time and size
+//! limit, the dead-letter id of a path, and the query string. They and the
+//! handlers for an unknown path or method return every failure in the
+//! API's JSON error shape.
 
 use std::time::Duration;
 

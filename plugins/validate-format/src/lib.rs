@@ -95,10 +95,10 @@ impl<'de> Deserialize<'de> for AnObject {
 impl ValidateFormat {
     /// Checks `payload` the quick way: `true` only for a payload that
     /// [`Self::check`] accepts too. On `false` the caller runs `check`,
-    /// which words the reason. Two cases go to `check` as well, because
-    /// serde reads them differently from a JSON tree: a top level not
-    /// written as an object (serde takes a sequence too), and a field given
-    /// twice (serde refuses it, `check` takes the last one).
+    /// which words the reason. Two cases return `false`, because serde reads
+    /// them differently from a JSON tree. One is a top level not written as
+    /// an object, which serde takes as a sequence too. The other is a field
+    /// given twice, which serde rejects and `check` takes the last of.
     fn accepts(&self, payload: &[u8]) -> bool {
         if payload.len() as u64 > self.config.max_payload_bytes {
             return false;

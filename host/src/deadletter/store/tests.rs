@@ -806,7 +806,7 @@ fn version_1_file_is_migrated() {
 }
 
 #[test]
-fn removed_file_is_opened_again_before_the_next_append() {
+fn removed_file_reopened_before_append() {
     let (dir, store) = temp_store();
     let path = dir.path().join("dead-letters.sqlite");
     let first = letter(
@@ -837,7 +837,7 @@ fn removed_file_is_opened_again_before_the_next_append() {
 }
 
 #[test]
-fn another_programs_database_is_left_alone() {
+fn foreign_database_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.sqlite");
     let other = Connection::open(&path).unwrap();
